@@ -1,0 +1,131 @@
+"""Shared pytest configuration for sep_hf.
+
+Sections are independent; add new fixtures in their own section.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+if str(REPO_ROOT) not in sys.path:  # the package is not installed into the venv
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+# --------------------------------------------------------------------------------------------
+# Loopback Hub (sep_hf.testing.hub): a local test double of the Hugging Face Hub.
+#
+# huggingface_hub and datasets read HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_XET, ... once, at
+# import time, so the environment is set here, when conftest is imported, before any test
+# module imports them. Subprocesses started by tests (e.g. `accelerate launch`) inherit it.
+# --------------------------------------------------------------------------------------------
+HUB_WRITE_TOKEN = "sep-hf-test-write"
+HUB_READ_TOKEN = "sep-hf-test-read"
+CIFAR10_REPO_ID = "uoft-cs/cifar10"
+CIFAR10_DIR = SHARED_DIR / "data" / "cifar10"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _configure_hub_env() -> tuple[str, Path]:
+    imported = sorted({"huggingface_hub", "datasets"} & set(sys.modules))
+    if imported:
+        raise RuntimeError(f"{imported} imported before tests/conftest.py: its import-time constants "
+                           "would ignore the loopback Hub settings")
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    hf_home = Path(tempfile.mkdtemp(prefix="sep-hf-test-hf-home-"))
+    atexit.register(shutil.rmtree, hf_home, ignore_errors=True)
+    no_proxy = ",".join(filter(None, ["127.0.0.1,localhost", os.environ.get("NO_PROXY")]))
+    os.environ.update({
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",  # the loopback Hub answers "lfs"; 2.x would otherwise use Xet
+        "HF_HOME": str(hf_home),
+        "HF_TOKEN": HUB_WRITE_TOKEN,
+        "HF_UPDATE_DOWNLOAD_COUNTS": "0",  # else datasets HEADs s3.amazonaws.com on every load
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+    })
+    # A developer's own settings would route requests elsewhere or stop them altogether.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_TOKEN_PATH"):
+        os.environ.pop(var, None)
+    return endpoint, hf_home
+
+
+HUB_ENDPOINT, HF_HOME_DIR = _configure_hub_env()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopbackHubHandle:
+    url: str
+    root: Path
+    write_token: str
+    read_token: str
+    log: Path
+    process: subprocess.Popen
+
+
+def _wait_for_ready_line(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines or " at http://" not in lines[0]:
+        proc.kill()
+        raise RuntimeError(f"loopback Hub did not start (stdout={lines!r}):\n{log.read_text()[-4000:]}")
+    return lines[0].split(" at ", 1)[1].split()[0]
+
+
+@pytest.fixture(scope="session")
+def loopback_hub(tmp_path_factory) -> Iterator[LoopbackHubHandle]:
+    """The loopback Hub at HF_ENDPOINT, as a subprocess, with cifar10 mounted read-only."""
+    work = tmp_path_factory.mktemp("loopback-hub")
+    root, log = work / "root", work / "server.log"
+    cmd = [sys.executable, "-m", "sep_hf.testing.hub", "--port", HUB_ENDPOINT.rsplit(":", 1)[1],
+           "--root", str(root), "--dataset", f"{CIFAR10_REPO_ID}={CIFAR10_DIR}",
+           "--token", f"{HUB_WRITE_TOKEN}=write", "--token", f"{HUB_READ_TOKEN}=read"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "wb") as stderr:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        url = _wait_for_ready_line(proc, log, timeout=60)
+        assert url == HUB_ENDPOINT, (url, HUB_ENDPOINT)
+        yield LoopbackHubHandle(url, root, HUB_WRITE_TOKEN, HUB_READ_TOKEN, log, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def make_unique_repo_id(prefix: str, namespace: str = "org") -> str:
+    """Fresh repo id: HfFileSystem caches listings per repo id for the whole session."""
+    return f"{namespace}/{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def unique_repo_id():
+    return make_unique_repo_id
