@@ -1,0 +1,370 @@
+"""Image-classification datasets: resolve, validate, and convert between images and tensors.
+
+This is the only module that knows about image columns and PIL. Everything downstream works on
+``uint8`` / ``float`` tensors of shape (N, C, H, W); floats are pixels in [0, 1].
+
+Perturbed pixels leave this module as PNG bytes quantized **by rounding** (never JPEG, never
+truncation), so a budget that holds on the float tensor still holds on the published image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+__all__ = [
+    "DATASET_ALIASES",
+    "DatasetError",
+    "ImageColumns",
+    "ImageDataset",
+    "resolve_dataset_name",
+    "load_image_dataset",
+    "find_image_columns",
+    "images_to_uint8",
+    "uint8_to_float",
+    "quantize",
+    "encode_png",
+    "tensor_to_png_images",
+    "split_to_tensors",
+    "DataArguments",
+    "TrainingData",
+    "load_training_data",
+]
+
+DATASET_ALIASES = {
+    "cifar10": "uoft-cs/cifar10",
+    "cifar100": "uoft-cs/cifar100",
+}
+
+_DECODE_BATCH = 1000
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used for image classification; the message names dataset and column."""
+
+
+@dataclass(frozen=True)
+class ImageColumns:
+    image: str
+    label: str
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class ImageDataset:
+    """A loaded dataset plus what the rest of the product needs to know about it."""
+
+    name: str  # what the user asked for, e.g. "cifar10"
+    dataset_id: str  # Hub repo id or absolute local path
+    revision: str | None  # Hub commit sha the data was read at (None for local paths)
+    splits: "datasets.DatasetDict"  # noqa: F821
+    columns: ImageColumns
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isabs(self.dataset_id)
+
+    def split(self, name: str):
+        if name not in self.splits:
+            raise DatasetError(
+                f"Dataset '{self.name}' has no split '{name}' (splits: {', '.join(self.splits)})."
+            )
+        return self.splits[name]
+
+
+def resolve_dataset_name(name: str) -> str:
+    """Map a short alias to its Hub id; a local path becomes absolute; anything else is a Hub id."""
+    if name in DATASET_ALIASES:
+        return DATASET_ALIASES[name]
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith(("/", "./", "../", "~")) or name.endswith(".parquet"):
+        raise DatasetError(f"Dataset path '{name}' does not exist.")
+    return name
+
+
+def _load_raw(dataset_id: str, revision: str | None):
+    import datasets
+
+    path = Path(dataset_id)
+    try:
+        if path.is_file() and path.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files={"train": str(path)})
+        if path.is_dir():
+            # Hub-layout folders (README configs, data/*.parquet) and ImageFolder trees are both
+            # recognised by datasets' own module inference.
+            return datasets.load_dataset(str(path))
+        return datasets.load_dataset(dataset_id, revision=revision)
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' wording for an empty split
+            raise DatasetError(f"Dataset '{dataset_id}' has a split with zero rows ({err}).") from err
+        raise
+    except datasets.exceptions.DatasetNotFoundError as err:
+        from huggingface_hub import constants
+
+        raise DatasetError(
+            f"Dataset '{dataset_id}' was not found on the Hub at {constants.ENDPOINT} "
+            f"(nor as a local path). Check the id, your token, or set HF_ENDPOINT."
+        ) from err
+
+
+def _as_dataset_dict(raw):
+    import datasets
+
+    if isinstance(raw, datasets.DatasetDict):
+        return raw
+    return datasets.DatasetDict({"train": raw})
+
+
+def find_image_columns(
+    features, dataset_name: str, image_column: str | None = None, label_column: str | None = None
+) -> ImageColumns:
+    """Find the ``Image`` and ``ClassLabel`` columns from the features (or check the overrides)."""
+    import datasets
+
+    def check(column: str, kind, what: str, flag: str) -> str:
+        if column not in features:
+            raise DatasetError(
+                f"Dataset '{dataset_name}' has no column '{column}' (columns: {', '.join(features)}); "
+                f"fix {flag}."
+            )
+        if not isinstance(features[column], kind):
+            raise DatasetError(
+                f"Column '{column}' of dataset '{dataset_name}' is {features[column]!r}, not {what}; "
+                f"pass {flag} naming an {what} column."
+            )
+        return column
+
+    def pick(kind, what: str, flag: str) -> str:
+        found = [name for name, feature in features.items() if isinstance(feature, kind)]
+        if not found:
+            raise DatasetError(
+                f"Dataset '{dataset_name}' has no {what} column (columns: "
+                f"{', '.join(f'{n}: {type(f).__name__}' for n, f in features.items())}). "
+                + (
+                    "Cast integer labels with dataset.class_encode_column(...) first."
+                    if kind is datasets.ClassLabel
+                    else f"Pass {flag} if the images are stored in another column."
+                )
+            )
+        if len(found) > 1:
+            raise DatasetError(
+                f"Dataset '{dataset_name}' has several {what} columns ({', '.join(found)}); "
+                f"choose one with {flag}."
+            )
+        return found[0]
+
+    image = (
+        check(image_column, datasets.Image, "Image", "--image_column")
+        if image_column
+        else pick(datasets.Image, "Image", "--image_column")
+    )
+    label = (
+        check(label_column, datasets.ClassLabel, "ClassLabel", "--label_column")
+        if label_column
+        else pick(datasets.ClassLabel, "ClassLabel", "--label_column")
+    )
+    return ImageColumns(image=image, label=label, class_names=tuple(features[label].names))
+
+
+def load_image_dataset(
+    name: str,
+    revision: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> ImageDataset:
+    """Open a Hub image-classification dataset by id, alias (``cifar10``) or local path.
+
+    Raises ``DatasetError`` naming the dataset and column when the dataset has no ``Image`` or no
+    ``ClassLabel`` column, or a split with zero rows.
+    """
+    dataset_id = resolve_dataset_name(name)
+    splits = _as_dataset_dict(_load_raw(dataset_id, revision))
+    if not splits:
+        raise DatasetError(f"Dataset '{name}' has no splits.")
+    features = next(iter(splits.values())).features
+    columns = find_image_columns(features, name, image_column, label_column)
+    for split_name, split in splits.items():
+        if split.num_rows == 0:
+            raise DatasetError(
+                f"Split '{split_name}' of dataset '{name}' has zero rows in column '{columns.image}'."
+            )
+    sha = None
+    if not os.path.isabs(dataset_id):
+        from sep_hf.hub import dataset_commit_sha
+
+        sha = dataset_commit_sha(dataset_id, revision)
+    return ImageDataset(name=name, dataset_id=dataset_id, revision=sha, splits=splits, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# images <-> tensors
+
+
+def _to_pil(image) -> PILImage.Image:
+    if isinstance(image, PILImage.Image):
+        return image
+    if isinstance(image, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
+        if image.get("bytes") is not None:
+            return PILImage.open(io.BytesIO(image["bytes"]))
+        return PILImage.open(image["path"])
+    if isinstance(image, np.ndarray):
+        return PILImage.fromarray(image)
+    raise DatasetError(f"Cannot read an image from a {type(image).__name__}.")
+
+
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white so transparent pixels do not turn black.
+        rgba = image.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def images_to_uint8(
+    images: Iterable, resize: Sequence[int] | None = None, column: str = "image"
+) -> torch.Tensor:
+    """Decode images (PIL, Image-feature dicts or HWC arrays) to a uint8 tensor (N, 3, H, W).
+
+    Grayscale, RGBA and palette images become RGB. Images of different sizes are an error unless
+    ``resize=(H, W)`` is given, which resizes every image (bicubic) to that size.
+    """
+    arrays = []
+    size = None
+    for image in images:
+        pil = _to_rgb(_to_pil(image))
+        if resize is not None:
+            height, width = resize
+            if pil.size != (width, height):
+                pil = pil.resize((width, height), PILImage.BICUBIC)
+        elif size is None:
+            size = pil.size
+        elif pil.size != size:
+            raise DatasetError(
+                f"Images in column '{column}' have different sizes ({size[1]}x{size[0]} and "
+                f"{pil.size[1]}x{pil.size[0]}); pass --resize H W to resize them all."
+            )
+        arrays.append(np.asarray(pil, dtype=np.uint8))
+    if not arrays:
+        return torch.empty(0, 3, *(resize or (0, 0)), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0)
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> uint8 by rounding to the nearest level."""
+    return images.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def encode_png(image_chw: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(image_chw.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tensor_to_png_images(images: torch.Tensor) -> list[dict]:
+    """Float [0, 1] or uint8 (N, C, H, W) -> Image-feature dicts holding lossless PNG bytes."""
+    if images.dtype != torch.uint8:
+        images = quantize(images)
+    return [{"bytes": encode_png(image), "path": None} for image in images.cpu()]
+
+
+def split_to_tensors(
+    split,
+    columns: ImageColumns,
+    max_samples: int | None = None,
+    resize: Sequence[int] | None = None,
+    desc: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (the first ``max_samples`` rows of) a split into uint8 images and int64 labels."""
+    from tqdm.auto import tqdm
+
+    num_rows = split.num_rows if max_samples is None else min(max_samples, split.num_rows)
+    if num_rows == 0:
+        raise DatasetError(f"No rows to read from column '{columns.image}' (max_samples={max_samples}).")
+    images, labels = [], []
+    for start in tqdm(range(0, num_rows, _DECODE_BATCH), desc=desc or "Decoding images", unit="batch",
+                      disable=desc is None):
+        batch = split[start : min(start + _DECODE_BATCH, num_rows)]
+        images.append(images_to_uint8(batch[columns.image], resize=resize, column=columns.image))
+        labels.append(torch.as_tensor(batch[columns.label], dtype=torch.int64))
+    sizes = sorted({tuple(chunk.shape[2:]) for chunk in images})
+    if len(sizes) > 1:
+        raise DatasetError(
+            f"Images in column '{columns.image}' have different sizes ({sizes[0][0]}x{sizes[0][1]} "
+            f"and {sizes[1][0]}x{sizes[1][1]}); pass --resize H W to resize them all."
+        )
+    return torch.cat(images), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole-tensor training data
+
+
+@dataclass
+class DataArguments:
+    """Which dataset, which columns, how many rows. ``None`` sample caps are filled by presets."""
+
+    dataset: str = field(default="cifar10", metadata={"help": "Hub dataset id, alias (cifar10, cifar100) or local path."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: the Image feature)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: the ClassLabel feature)."})
+    resize: list[int] | None = field(default=None, metadata={"help": "Resize every image to H W (needed for mixed sizes)."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on / protect."})
+    eval_split: str = field(default="test", metadata={"help": "Clean split to evaluate on."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+
+    def __post_init__(self):
+        if self.resize is not None and len(self.resize) == 1:
+            self.resize = [self.resize[0], self.resize[0]]
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) <= 0):
+            raise DatasetError(f"--resize takes H W (positive), got {self.resize}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise DatasetError(f"--{name} must be positive, got {value}.")
+
+    def load(self) -> ImageDataset:
+        return load_image_dataset(self.dataset, self.dataset_revision, self.image_column, self.label_column)
+
+
+@dataclass
+class TrainingData:
+    """Whole-tensor data: uint8 images (N, C, H, W) and int64 labels, plus provenance."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+    class_names: tuple[str, ...]
+    dataset_id: str
+    dataset_revision: str | None
+
+
+def load_training_data(args: DataArguments, dataset: ImageDataset | None = None) -> TrainingData:
+    """Decode the train and eval splits named by ``args`` into tensors."""
+    dataset = dataset or args.load()
+    train = split_to_tensors(dataset.split(args.train_split), dataset.columns, args.max_train_samples, args.resize,
+                             desc=f"Decoding {args.train_split}")
+    evaluation = split_to_tensors(dataset.split(args.eval_split), dataset.columns, args.max_eval_samples, args.resize,
+                                  desc=f"Decoding {args.eval_split}")
+    return TrainingData(*train, *evaluation, dataset.columns.class_names, dataset.dataset_id, dataset.revision)

@@ -1,0 +1,216 @@
+"""Model registry: CIFAR-style timm registrations and ``build_model`` for any timm architecture.
+
+Every model built here takes pixels in [0, 1]: per-channel normalization is a buffer inside
+``ImageClassifier``, so attacks, protections and defenses never see normalized inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "build_model", "list_cifar_models"]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels)
+
+
+class _TimmInterface:
+    """The slice of timm's model API the product relies on (and TimmWrapper expects)."""
+
+    num_classes: int
+    num_features: int
+    fc: nn.Module
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = _bn(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), _bn(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(_TimmInterface, nn.Module):
+    """ResNet with a 3x3 stride-1 stem and no max-pool: the ResNet-18 of the SEP paper."""
+
+    def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10, in_chans: int = 3,
+                 width: int = 64, **kwargs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = _bn(width)
+        stages, in_planes = [], width
+        for index, blocks in enumerate(layers):
+            planes = width * 2**index
+            strides = [1 if index == 0 else 2] + [1] * (blocks - 1)
+            stage = []
+            for stride in strides:
+                stage.append(_BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            stages.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*stages)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = in_planes
+        self.reset_classifier(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.relu(self.bn1(self.conv1(x))))
+
+
+class SmallNet(_TimmInterface, nn.Module):
+    """A small VGG-style net for CPU runs (airbench's block: conv, pool, BN, GELU, conv, BN, GELU)."""
+
+    def __init__(self, widths: Sequence[int] = (40, 80, 160), stem_width: int = 24, num_classes: int = 10,
+                 in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False), _bn(stem_width), nn.GELU())
+        blocks, in_width = [], stem_width
+        for width in widths:
+            blocks += [
+                nn.Conv2d(in_width, width, 3, padding=1, bias=False), nn.MaxPool2d(2), _bn(width), nn.GELU(),
+                nn.Conv2d(width, width, 3, padding=1, bias=False), _bn(width), nn.GELU(),
+            ]
+            in_width = width
+        self.blocks = nn.Sequential(*blocks)
+        self.global_pool = nn.AdaptiveMaxPool2d(1)
+        self.num_features = in_width
+        self.reset_classifier(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+def _cifar_cfg(**kwargs) -> dict:
+    return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": None,
+            "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "first_conv": "", "classifier": "fc", **kwargs}
+
+
+default_cfgs = {
+    "resnet18_cifar": _cifar_cfg(first_conv="conv1"),
+    "smallnet_cifar": _cifar_cfg(first_conv="stem.0"),
+}
+
+
+def _create(cls, pretrained: bool, **kwargs) -> nn.Module:
+    if pretrained:
+        raise ValueError(f"{cls.__name__} has no pretrained weights; train it with recipes/train_source.py.")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("img_size", None)  # fully convolutional: any input size works
+    return cls(**kwargs)
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-18, CIFAR stem (3x3 conv, no max-pool), 11.2M parameters: the SEP paper's model."""
+    return _create(CifarResNet, pretrained, **dict(dict(layers=(2, 2, 2, 2)), **kwargs))
+
+
+@register_model
+def smallnet_cifar(pretrained: bool = False, **kwargs) -> SmallNet:
+    """Small fast net for CPU runs, 0.46M parameters."""
+    return _create(SmallNet, pretrained, **dict(dict(widths=(40, 80, 160), stem_width=24), **kwargs))
+
+
+def list_cifar_models() -> list[str]:
+    return sorted(default_cfgs)
+
+
+class ImageClassifier(nn.Module):
+    """A timm model behind a per-channel normalization: input pixels in [0, 1].
+
+    ``features(x)`` returns the penultimate (pre-logits) features; ``head(features)`` the logits.
+    ``config`` is everything needed to rebuild the architecture (saved with every checkpoint).
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float], config: dict):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.config = config
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_classifier()(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    img_size: int | Sequence[int] = 32,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    pretrained: bool = False,
+    **model_kwargs,
+) -> ImageClassifier:
+    """Build any timm model (or a registered ``*_cifar`` one) for ``num_classes`` classes."""
+    if not timm.is_model(name):
+        raise ValueError(
+            f"Unknown model '{name}'. CIFAR models: {', '.join(list_cifar_models())}; "
+            f"or any timm name, e.g. {', '.join(timm.list_models('resnet1*')[:3])}."
+        )
+    kwargs = dict(model_kwargs)
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is not None and getattr(pretrained_cfg, "fixed_input_size", False):
+        kwargs["img_size"] = img_size
+    backbone = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    config = {
+        "model_name": name,
+        "num_classes": num_classes,
+        "img_size": img_size if isinstance(img_size, int) else list(img_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "model_kwargs": model_kwargs,
+    }
+    return ImageClassifier(backbone, mean, std, config)
+
+
+def model_from_config(config: dict) -> ImageClassifier:
+    """Rebuild the architecture saved in a checkpoint record (no weights loaded)."""
+    return build_model(
+        config["model_name"], config["num_classes"], config["img_size"], config["mean"], config["std"],
+        **config.get("model_kwargs", {}),
+    )
