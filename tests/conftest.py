@@ -129,3 +129,52 @@ def make_unique_repo_id(prefix: str, namespace: str = "org") -> str:
 @pytest.fixture
 def unique_repo_id():
     return make_unique_repo_id
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny trained source run, shared by the crafting tests (about 15 s on 2 CPU cores).
+# --------------------------------------------------------------------------------------------
+TINY_TRAIN, TINY_EVAL = 1000, 500
+
+
+@pytest.fixture(scope="session")
+def accelerator():
+    from accelerate import Accelerator
+
+    from sep_hf.runtime import resolve_mixed_precision
+
+    return Accelerator(cpu=True, mixed_precision=resolve_mixed_precision("auto", use_cpu=True))
+
+
+@pytest.fixture(scope="session")
+def cifar_small():
+    """First 1000 train / 500 test CIFAR-10 images, read straight from the shared folder."""
+    from sep_hf.data import DataArguments, load_training_data
+
+    return load_training_data(DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=TINY_TRAIN,
+                                            max_eval_samples=TINY_EVAL))
+
+
+def tiny_source_config(**overrides):
+    from sep_hf.training import SourceTrainingConfig, apply_preset
+
+    config = SourceTrainingConfig(**{"epochs": 4, "num_checkpoints": 0, "batch_size": 100, "seed": 0, **overrides})
+    apply_preset("cpu", config)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_source_run(tmp_path_factory, cifar_small, accelerator):
+    """Output folder of a 4-epoch smallnet run with a checkpoint every epoch."""
+    from sep_hf.training import train_source
+
+    output_dir = tmp_path_factory.mktemp("tiny-source")
+    train_source(tiny_source_config(), cifar_small, output_dir, accelerator)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tiny_source_run):
+    from sep_hf import CheckpointEnsemble
+
+    return CheckpointEnsemble.from_pretrained(tiny_source_run)

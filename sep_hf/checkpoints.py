@@ -1,0 +1,140 @@
+"""Checkpoint folders: ``checkpoints/epoch-XXX/{model.safetensors, training_state.pt, record.json}``.
+
+A checkpoint is written into a hidden staging folder and renamed into place only when complete;
+``record.json`` holds the sha256 of every other file, so a half-written or truncated checkpoint
+(locally or from the Hub) is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "CheckpointError",
+    "Checkpoint",
+    "checkpoint_dirname",
+    "save_checkpoint",
+    "list_checkpoints",
+    "evenly_spaced",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+RECORD_FILE = "record.json"
+_DIRNAME = re.compile(r"^epoch-(\d{3,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupted, or does not match its siblings."""
+
+
+def checkpoint_dirname(epoch: int) -> str:
+    return f"epoch-{epoch:03d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    record: dict
+
+    @property
+    def epoch(self) -> int:
+        return self.record["epoch"]
+
+    @property
+    def content_hash(self) -> str:
+        """Identity of the weights (sha256 of model.safetensors), used in cache fingerprints."""
+        return self.record["files"][MODEL_FILE]
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / MODEL_FILE)
+
+    def load_training_state(self) -> dict:
+        if not (self.path / STATE_FILE).exists():
+            raise CheckpointError(f"{self.path} has no {STATE_FILE}; it cannot be resumed from.")
+        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def verify(self, names: list[str] | None = None) -> "Checkpoint":
+        """Check the sha256 of ``names`` (default: every file the record lists)."""
+        files = self.record.get("files", {})
+        for name in names if names is not None else list(files):
+            expected = files.get(name)
+            file = self.path / name
+            if not file.exists() or _sha256(file) != expected:
+                raise CheckpointError(f"Checkpoint file {file} is missing or corrupted (sha256 mismatch).")
+        return self
+
+
+def save_checkpoint(
+    root: str | Path, epoch: int, state_dict: dict[str, torch.Tensor], record: dict, training_state: dict | None = None
+) -> Checkpoint:
+    """Write ``root/checkpoints/epoch-XXX`` atomically and return it."""
+    parent = Path(root) / CHECKPOINTS_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / checkpoint_dirname(epoch)
+    staging = parent / f".{checkpoint_dirname(epoch)}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, staging / MODEL_FILE)
+    files = [MODEL_FILE]
+    if training_state is not None:
+        torch.save(training_state, staging / STATE_FILE)
+        files.append(STATE_FILE)
+    record = {**record, "epoch": epoch, "files": {name: _sha256(staging / name) for name in files}}
+    with open(staging / RECORD_FILE, "w") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return Checkpoint(final, record)
+
+
+def _read(path: Path) -> Checkpoint | None:
+    record_file = path / RECORD_FILE
+    if not _DIRNAME.match(path.name) or not record_file.exists():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if not (path / MODEL_FILE).exists():
+        return None
+    return Checkpoint(path, record)
+
+
+def list_checkpoints(root: str | Path) -> list[Checkpoint]:
+    """Complete checkpoints under ``root/checkpoints`` (or ``root`` itself), sorted by epoch."""
+    root = Path(root)
+    parent = root / CHECKPOINTS_DIR if (root / CHECKPOINTS_DIR).is_dir() else root
+    if not parent.is_dir():
+        return []
+    found = (_read(path) for path in parent.iterdir() if path.is_dir())
+    return sorted((ckpt for ckpt in found if ckpt is not None), key=lambda ckpt: ckpt.epoch)
+
+
+def evenly_spaced(epochs: int, num_checkpoints: int) -> list[int]:
+    """K evenly spaced epochs ending at the last one (1-based); 0 or K >= epochs means every epoch."""
+    if num_checkpoints <= 0 or num_checkpoints >= epochs:
+        return list(range(1, epochs + 1))
+    return sorted({round(epochs * (index + 1) / num_checkpoints) for index in range(num_checkpoints)})
