@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from sep_hf.data import DataArguments
+from sep_hf.launch import prepare_launch
 from sep_hf.runs import HubArguments, RunArguments, run_source_training
 from sep_hf.runtime import resolve_mixed_precision
 from sep_hf.training import SourceTrainingConfig
@@ -39,6 +40,7 @@ def parse_args(parser: HfArgumentParser):
 
 
 def main():
+    prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/launch.py)
     config, data_args, run_args, hub_args = parse_args(make_parser())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(

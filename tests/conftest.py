@@ -178,3 +178,24 @@ def tiny_ensemble(tiny_source_run):
     from sep_hf import CheckpointEnsemble
 
     return CheckpointEnsemble.from_pretrained(tiny_source_run)
+
+
+# --------------------------------------------------------------------------------------------
+# Running recipes the way users do: `accelerate launch --cpu --num_processes N recipes/X.py ...`
+# --------------------------------------------------------------------------------------------
+RECIPES = REPO_ROOT / "recipes"
+
+
+def launch_command(recipe: str, args: list[str], num_processes: int = 1) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), str(RECIPES / recipe), *map(str, args)]
+
+
+def run_recipe(recipe: str, args: list[str], num_processes: int = 1, check: bool = True, timeout: float = 600):
+    """Run a recipe through accelerate launch; on failure the assertion shows its output."""
+    result = subprocess.run(launch_command(recipe, args, num_processes), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{recipe} failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    return result

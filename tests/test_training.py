@@ -1,0 +1,167 @@
+"""Source training: schedule, batched augmentation, multi-process runs, kill-and-resume, Hub push."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub import HfApi, ModelCard
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, launch_command, run_recipe
+from sep_hf import CheckpointEnsemble, CheckpointError
+from sep_hf.checkpoints import evenly_spaced, list_checkpoints
+from sep_hf.ensemble import pick_evenly_spaced
+from sep_hf.training import augment_crop_flip
+
+# A few hundred images through the loopback Hub: 8 epochs, checkpoints at 2, 4, 6, 8.
+RECIPE_ARGS = ["--dataset", "cifar10", "--preset", "cpu", "--max_train_samples", 400, "--max_eval_samples", 100,
+               "--batch_size", 50, "--epochs", 8, "--num-checkpoints", 4, "--seed", 3]
+
+
+def test_checkpoint_schedule():
+    assert evenly_spaced(120, 15) == list(range(8, 121, 8))
+    assert evenly_spaced(12, 6) == [2, 4, 6, 8, 10, 12]
+    assert evenly_spaced(5, 0) == [1, 2, 3, 4, 5]
+    assert pick_evenly_spaced(list(range(1, 16)), 5) == [3, 6, 9, 12, 15]
+    with pytest.raises(CheckpointError, match="Asked for 7 checkpoints but 6"):
+        pick_evenly_spaced(list(range(6)), 7)
+
+
+def test_augmentation_is_a_flipped_crop_of_each_image():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    out = augment_crop_flip(images, padding=2, flip=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for original, augmented in zip(images, out):
+        candidates = []
+        for view in (original, original.flip(2)):
+            padded = F.pad(view[None].float(), (2,) * 4, mode="reflect")[0].to(torch.uint8)
+            candidates += [padded[:, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
+        assert any(torch.equal(augmented, c) for c in candidates)
+    assert not torch.equal(out, images)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(loopback_hub, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("source-1proc")
+    run_recipe("train_source.py", RECIPE_ARGS + ["--output_dir", output_dir])
+    return output_dir
+
+
+def _final_weights(output_dir):
+    return load_file(list_checkpoints(output_dir)[-1].path / "model.safetensors")
+
+
+def test_one_process_run_writes_checkpoints_and_results(uninterrupted_run):
+    results = json.loads((uninterrupted_run / "results.json").read_text())
+    assert results["checkpoints"] == [2, 4, 6, 8]
+    assert 0.0 <= results["clean_test_accuracy"] <= 1.0 and results["train_seconds"] > 0
+    record = list_checkpoints(uninterrupted_run)[0].record
+    assert record["dataset"]["id"] == "uoft-cs/cifar10" and len(record["dataset"]["revision"]) == 40
+    assert record["model"]["model_name"] == "smallnet_cifar" and len(record["class_names"]) == 10
+    assert {"epoch", "step", "train_loss", "clean_test_accuracy", "normalization"} <= set(record)
+    assert (uninterrupted_run / "README.md").exists() and (uninterrupted_run / "training_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_checkpoint_set(uninterrupted_run, tmp_path):
+    run_recipe("train_source.py", RECIPE_ARGS + ["--output_dir", tmp_path], num_processes=2)
+    one, two = list_checkpoints(uninterrupted_run), list_checkpoints(tmp_path)
+    assert [c.epoch for c in two] == [c.epoch for c in one] == [2, 4, 6, 8]
+    assert two[0].record["num_processes"] == 2
+    for a, b in zip(one, two):
+        wa, wb = a.load_state_dict(), b.load_state_dict()
+        assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}
+    ensemble = CheckpointEnsemble.from_pretrained(tmp_path)
+    assert ensemble.num_models == 4 and ensemble.predict(torch.rand(3, 3, 32, 32)).shape == (4, 3)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identically(uninterrupted_run, tmp_path):
+    process = subprocess.Popen(launch_command("train_source.py", RECIPE_ARGS + ["--output_dir", tmp_path]),
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "epoch-002").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before checkpoint 2"
+        time.sleep(0.01)
+    import os
+    import signal
+
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its training process
+    process.wait()
+    assert [c.epoch for c in list_checkpoints(tmp_path)] == [2]
+
+    resumed = run_recipe("train_source.py", RECIPE_ARGS + ["--output_dir", tmp_path])
+    output = resumed.stdout + resumed.stderr
+    assert "(epoch 2)" in output and "epoch 1/8" not in output and "epoch 2/8" not in output
+    assert "epoch 3/8" in output
+    expected, actual = _final_weights(uninterrupted_run), _final_weights(tmp_path)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), f"{name} differs after resume"
+
+
+@pytest.mark.slow
+def test_push_to_private_repo_then_resume_from_hub(loopback_hub, unique_repo_id, tmp_path):
+    repo_id = unique_repo_id("source")
+    args = RECIPE_ARGS + ["--epochs", 4, "--num_checkpoints", 2, "--output_dir", tmp_path,
+                          "--push_to_hub", "--hub_model_id", repo_id]
+    run_recipe("train_source.py", args)
+    api = HfApi()
+    assert api.model_info(repo_id).private is True
+    files = set(api.list_repo_files(repo_id))
+    assert {"README.md", "training_curve.png", "results.json", "checkpoints/epoch-004/model.safetensors",
+            "checkpoints/epoch-002/record.json", "checkpoints/epoch-002/training_state.pt"} <= files
+    card = ModelCard.load(repo_id)
+    assert "| 4 |" in card.text and card.data.eval_results[0].metric_type == "accuracy"
+    with pytest.raises(Exception):
+        api.model_info(repo_id, token=False)  # private: invisible without a token
+
+    ensemble = CheckpointEnsemble.from_pretrained(repo_id, num_models=2)
+    assert ensemble.epochs == [2, 4] and ensemble.revision == api.model_info(repo_id).sha
+    local = CheckpointEnsemble.from_pretrained(tmp_path, num_models=2)
+    for a, b in zip(ensemble.models, local.models):
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(pa, pb), name
+
+    shutil.rmtree(tmp_path)  # local run gone: the same command resumes from the Hub repo
+    resumed = run_recipe("train_source.py", args)
+    output = resumed.stdout + resumed.stderr
+    assert "(epoch 4)" in output and "epoch 1/4" not in output
+    assert [c.epoch for c in list_checkpoints(tmp_path)] == [2, 4]
+
+
+def test_public_repo_when_asked(loopback_hub, unique_repo_id, tmp_path):
+    from sep_hf.hub import ensure_repo
+
+    public, private = unique_repo_id("public"), unique_repo_id("private")
+    ensure_repo(public, private=False)
+    ensure_repo(private)
+    assert HfApi().model_info(public).private is False and HfApi().model_info(private).private is True
+
+
+def test_ensemble_rejects_mixed_architectures(tiny_source_run, tmp_path):
+    shutil.copytree(tiny_source_run / "checkpoints", tmp_path / "checkpoints")
+    record_path = tmp_path / "checkpoints" / "epoch-004" / "record.json"
+    record = json.loads(record_path.read_text())
+    record["model"]["num_classes"] = 100
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="num_classes=100.*one architecture and class count"):
+        CheckpointEnsemble.from_pretrained(tmp_path)
+
+
+def test_corrupted_checkpoint_is_never_loaded(tiny_source_run, tmp_path):
+    from sep_hf.runs import find_resume_checkpoint
+
+    shutil.copytree(tiny_source_run / "checkpoints", tmp_path / "checkpoints")
+    weights = tmp_path / "checkpoints" / "epoch-004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated, as by a crash mid-copy
+    (tmp_path / "checkpoints" / ".epoch-005.partial").mkdir()  # staging folder of a killed save
+    assert find_resume_checkpoint(tmp_path).epoch == 3
+    with pytest.raises(CheckpointError, match="corrupted"):
+        CheckpointEnsemble.from_pretrained(tmp_path)
