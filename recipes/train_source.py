@@ -42,6 +42,7 @@ def parse_args(parser: HfArgumentParser):
 def main():
     prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/launch.py)
     config, data_args, run_args, hub_args = parse_args(make_parser())
+    run_args.output_dir = run_args.output_dir or "runs/source"
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(run_args.mixed_precision, use_cpu=False),

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-__all__ = ["training_curve_png", "source_model_card"]
+__all__ = ["training_curve_png", "source_model_card", "sample_grid_png", "protected_dataset_card", "VICTIM_TABLE_START", "VICTIM_TABLE_END", "replace_victim_table"]
 
 
 def _figure_png(fig) -> bytes:
@@ -117,3 +117,102 @@ ensemble = CheckpointEnsemble.from_pretrained("{repo_id or 'OUTPUT_DIR'}", num_m
 Model: `{json.dumps(model_config, sort_keys=True)}`
 """
     return ModelCard(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# protected dataset card
+
+
+VICTIM_TABLE_START = "<!-- sep-hf victim table start -->"
+VICTIM_TABLE_END = "<!-- sep-hf victim table end -->"
+
+
+def sample_grid_png(clean: torch.Tensor, protected: torch.Tensor, eps: float, scale: int = 4) -> bytes:
+    """Rows: clean images, protected images, perturbation amplified to the full range (0.5 + delta / 2eps)."""
+    from PIL import Image
+
+    from sep_hf.data import quantize
+
+    amplified = (0.5 + (protected - clean) / (2 * eps)).clamp(0, 1)
+    rows = [quantize(row) for row in (clean, protected, amplified)]
+    n, _, height, width = clean.shape
+    gap = 2
+    grid = Image.new("RGB", (n * (width * scale + gap) - gap, 3 * (height * scale + gap) - gap), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width * scale, height * scale), Image.NEAREST)
+            grid.paste(tile, (c * (width * scale + gap), r * (height * scale + gap)))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _victim_table(rows: list[dict]) -> str:
+    if not rows:
+        body = "No victim has been trained on this dataset yet: run `recipes/train_victim.py --update_dataset_card`."
+    else:
+        lines = ["| victim model | defense | training images | clean test accuracy | model repo |", "|---|---|---:|---:|---|"]
+        for row in rows:
+            lines.append(f"| `{row['model']}` | {row.get('defense', 'none')} | {row['num_train']} | "
+                         f"{row['eval_accuracy']:.4f} | {row.get('hub_model_id') or '(local)'} |")
+        body = "\n".join(lines)
+    return f"{VICTIM_TABLE_START}\n{body}\n{VICTIM_TABLE_END}"
+
+
+def replace_victim_table(card_text: str, rows: list[dict]) -> str:
+    start, end = card_text.index(VICTIM_TABLE_START), card_text.index(VICTIM_TABLE_END) + len(VICTIM_TABLE_END)
+    return card_text[:start] + _victim_table(rows) + card_text[end:]
+
+
+def protected_dataset_card(results: dict, source_dataset: str, source_revision: str | None, grid_file: str):
+    """Card data and body of a protected dataset; figures come from ``results`` (results.json)."""
+    from huggingface_hub import DatasetCardData
+
+    eps = results["eps"]
+    checkpoints = results["checkpoints"]
+    data = DatasetCardData(
+        task_categories=["image-classification"], tags=["sep-hf", "unlearnable-examples", "data-protection",
+                                                        results["method"]],
+        source_datasets=[source_dataset] if not source_dataset.startswith("/") else None,
+        pretty_name=f"{source_dataset.split('/')[-1]} protected with {results['method'].upper()}",
+    )
+    split_rows = "\n".join(
+        f"| {name} | {stats['num_examples']} | {stats['max_linf']} | {stats['mean_psnr']:.2f} | {stats['mean_l2']:.4f} |"
+        for name, stats in results["splits"].items()
+    )
+    config_json = json.dumps(results["config"], indent=2, sort_keys=True)
+    revision = f" (revision `{source_revision}`)" if source_revision else ""
+    ckpt_revision = f" at revision `{checkpoints['revision']}`" if checkpoints.get("revision") else ""
+    body = f"""
+# {data.pretty_name}
+
+Images of `{source_dataset}`{revision} with a small, invisible perturbation crafted by
+**{results['method'].upper()}** ([Self-Ensemble Protection](https://openreview.net/forum?id=9MO7bjoAfIA),
+Chen et al., ICLR 2023) with `sep-hf`: a model trained on these images learns much less than one trained on
+the clean originals. Same columns and labels as the source, so it is a drop-in replacement for it.
+
+- method: `{results['method']}`, L-inf budget eps = {eps:g}/255, {results['steps']} steps of {results['step_size']:g}/255
+- checkpoint ensemble: {len(checkpoints['epochs'])} checkpoints (epochs {checkpoints['epochs']}) of `{checkpoints['source']}`{ckpt_revision}
+- pixels stored as lossless PNG, rounded to uint8; every pixel satisfies |x' - x| <= eps
+
+## Perturbation statistics
+
+| split | images | max L-inf (1/255) | mean PSNR (dB) | mean L2 |
+|---|---:|---:|---:|---:|
+{split_rows}
+
+![clean (top), protected (middle), perturbation amplified (bottom)]({grid_file})
+
+## Victims trained on this dataset
+
+Accuracy on the clean test split of models trained on this protected data:
+
+{_victim_table(results.get('victims', []))}
+
+## Crafting configuration
+
+```json
+{config_json}
+```
+"""
+    return data, body

@@ -368,3 +368,48 @@ def load_training_data(args: DataArguments, dataset: ImageDataset | None = None)
     evaluation = split_to_tensors(dataset.split(args.eval_split), dataset.columns, args.max_eval_samples, args.resize,
                                   desc=f"Decoding {args.eval_split}")
     return TrainingData(*train, *evaluation, dataset.columns.class_names, dataset.dataset_id, dataset.revision)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing a Hub-layout dataset folder
+
+
+_SHARD_BYTES = 500 * 1024 * 1024
+
+
+def write_hub_layout(splits, folder: str | Path, card_data, card_body: str, config_name: str = "default") -> Path:
+    """Write ``splits`` as ``folder/data/{split}-XXXXX-of-YYYYY.parquet`` plus a README card.
+
+    The folder is exactly what ``push_to_hub`` would put in a repo (``configs`` and
+    ``dataset_info`` in the card's YAML), so ``load_dataset(folder)`` works locally and one
+    ``upload_folder`` publishes data and card in a single commit.
+    """
+    import math as _math
+
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from datasets.splits import SplitDict, SplitInfo
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    folder = Path(folder)
+    data_dir = folder / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob("*.parquet"):
+        stale.unlink()
+    features = next(iter(splits.values())).features
+    info = DatasetInfo(features=features, splits=SplitDict())
+    info.dataset_size = 0
+    for name, split in splits.items():
+        num_bytes = split.data.nbytes
+        num_shards = max(1, _math.ceil(num_bytes / _SHARD_BYTES))
+        for index in range(num_shards):
+            shard = split.shard(num_shards, index, contiguous=True)
+            shard.to_parquet(str(data_dir / f"{name}-{index:05d}-of-{num_shards:05d}.parquet"))
+        info.splits.add(SplitInfo(name=name, num_bytes=num_bytes, num_examples=split.num_rows))
+        info.dataset_size += num_bytes
+    DatasetInfosDict({config_name: info}).to_dataset_card_data(card_data)
+    MetadataConfigs(
+        {config_name: {"data_files": [{"split": name, "path": f"data/{name}-*"} for name in splits]}}
+    ).to_dataset_card_data(card_data)
+    DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{card_body}").save(folder / "README.md")
+    return folder

@@ -22,6 +22,7 @@ __all__ = [
     "BackgroundUploader",
     "download_repo",
     "repo_files",
+    "upload_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,17 @@ def download_repo(
         raise HubError(f"{repo_type.capitalize()} repo '{repo_id}' not found (or not visible with your token).") from err
     except RevisionNotFoundError as err:
         raise HubError(f"Revision '{revision}' not found in {repo_type} repo '{repo_id}'.") from err
+
+
+def upload_folder(repo_id: str, folder: str | Path, repo_type: str = "dataset", message: str = "Upload",
+                  delete_patterns: list[str] | None = None) -> str:
+    """One commit holding the whole folder (and deleting ``delete_patterns`` left from earlier pushes)."""
+    try:
+        info = _api().upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type=repo_type,
+                                    commit_message=message, delete_patterns=delete_patterns)
+    except HfHubHTTPError as err:
+        raise HubError(f"Upload to {repo_type} repo '{repo_id}' failed: {err}") from err
+    return info.oid
 
 
 def repo_files(repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:

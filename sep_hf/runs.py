@@ -15,9 +15,18 @@ from sep_hf import hub
 from sep_hf.cards import source_model_card, training_curve_png
 from sep_hf.checkpoints import CHECKPOINTS_DIR, RECORD_FILE, Checkpoint, CheckpointError, list_checkpoints
 from sep_hf.data import DataArguments, TrainingData, load_training_data
-from sep_hf.training import SourceTrainingConfig, apply_preset, train_source
+from sep_hf.presets import apply_preset
+from sep_hf.training import SourceTrainingConfig, train_source
 
-__all__ = ["RunArguments", "HubArguments", "find_resume_checkpoint", "run_source_training", "write_json"]
+__all__ = [
+    "RunArguments",
+    "HubArguments",
+    "ProtectArguments",
+    "find_resume_checkpoint",
+    "run_source_training",
+    "run_protection",
+    "write_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +39,7 @@ CARD_FILE = "README.md"
 class RunArguments:
     """Where and how a job runs (infrastructure, not hyperparameters)."""
 
-    output_dir: str = field(default="runs/source", metadata={"help": "Local output folder (checkpoints, card, results.json)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Local output folder (default: runs/<recipe>)."})
     preset: str = field(default="paper", metadata={"help": "Hyperparameter preset: 'paper' (GPU, the SEP paper) or 'cpu' (minutes on 2 cores)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Discard checkpoints of a different earlier run in --output_dir."})
     mixed_precision: str = field(default="auto", metadata={"help": "no | bf16 | fp16 | auto (bf16 where the device runs it fast)."})

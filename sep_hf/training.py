@@ -23,8 +23,6 @@ from sep_hf.models import build_model
 
 __all__ = [
     "SourceTrainingConfig",
-    "SOURCE_PRESETS",
-    "apply_preset",
     "augment_crop_flip",
     "channel_stats",
     "evaluate_accuracy",
@@ -64,33 +62,6 @@ class SourceTrainingConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}.")
-
-
-SOURCE_PRESETS = {
-    # The SEP paper's source model: ResNet-18, SGD 0.1, x0.1 at 75 and 90, 120 epochs.
-    "paper": dict(
-        model="resnet18_cifar", epochs=120, batch_size=128, learning_rate=0.1, momentum=0.9, nesterov=False,
-        weight_decay=5e-4, label_smoothing=0.0, lr_schedule="step", lr_milestones=[75, 90], warmup_epochs=1.0,
-        crop_padding=4, flip=True, num_checkpoints=15, max_train_samples=None, max_eval_samples=None,
-    ),
-    # Minutes on 2 CPU cores: 79.8% on the first 10k CIFAR-10 images (first 2k test images).
-    "cpu": dict(
-        model="smallnet_cifar", epochs=12, batch_size=128, learning_rate=0.05, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, label_smoothing=0.1, lr_schedule="linear", lr_milestones=[], warmup_epochs=1.0,
-        crop_padding=4, flip=True, num_checkpoints=6, max_train_samples=10_000, max_eval_samples=2_000,
-    ),
-}
-
-
-def apply_preset(preset: str, *configs) -> None:
-    """Fill every ``None`` field of ``configs`` that the preset names; explicit flags win."""
-    if preset not in SOURCE_PRESETS:
-        raise ValueError(f"Unknown preset '{preset}'; choose one of {', '.join(SOURCE_PRESETS)}.")
-    values = SOURCE_PRESETS[preset]
-    for config in configs:
-        for item in fields(config):
-            if item.name in values and getattr(config, item.name) is None:
-                setattr(config, item.name, values[item.name])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -132,7 +132,7 @@ def unique_repo_id():
 
 
 # --------------------------------------------------------------------------------------------
-# A tiny trained source run, shared by the crafting tests (about 15 s on 2 CPU cores).
+# A tiny trained source run, shared by the crafting tests (about 10 s on 2 CPU cores).
 # --------------------------------------------------------------------------------------------
 TINY_TRAIN, TINY_EVAL = 1000, 500
 
@@ -156,16 +156,17 @@ def cifar_small():
 
 
 def tiny_source_config(**overrides):
-    from sep_hf.training import SourceTrainingConfig, apply_preset
+    from sep_hf.presets import apply_preset
+    from sep_hf.training import SourceTrainingConfig
 
-    config = SourceTrainingConfig(**{"epochs": 4, "num_checkpoints": 0, "batch_size": 100, "seed": 0, **overrides})
+    config = SourceTrainingConfig(**{"epochs": 10, "num_checkpoints": 4, "batch_size": 25, "seed": 0, **overrides})
     apply_preset("cpu", config)
     return config
 
 
 @pytest.fixture(scope="session")
 def tiny_source_run(tmp_path_factory, cifar_small, accelerator):
-    """Output folder of a 4-epoch smallnet run with a checkpoint every epoch."""
+    """Output folder of a 10-epoch smallnet run on 1000 images with 4 checkpoints (about 10 s)."""
     from sep_hf.training import train_source
 
     output_dir = tmp_path_factory.mktemp("tiny-source")

@@ -147,7 +147,7 @@ def test_public_repo_when_asked(loopback_hub, unique_repo_id, tmp_path):
 
 def test_ensemble_rejects_mixed_architectures(tiny_source_run, tmp_path):
     shutil.copytree(tiny_source_run / "checkpoints", tmp_path / "checkpoints")
-    record_path = tmp_path / "checkpoints" / "epoch-004" / "record.json"
+    record_path = list_checkpoints(tmp_path)[-1].path / "record.json"
     record = json.loads(record_path.read_text())
     record["model"]["num_classes"] = 100
     record_path.write_text(json.dumps(record))
@@ -159,9 +159,10 @@ def test_corrupted_checkpoint_is_never_loaded(tiny_source_run, tmp_path):
     from sep_hf.runs import find_resume_checkpoint
 
     shutil.copytree(tiny_source_run / "checkpoints", tmp_path / "checkpoints")
-    weights = tmp_path / "checkpoints" / "epoch-004" / "model.safetensors"
+    *_, before_last, last = list_checkpoints(tmp_path)
+    weights = last.path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated, as by a crash mid-copy
-    (tmp_path / "checkpoints" / ".epoch-005.partial").mkdir()  # staging folder of a killed save
-    assert find_resume_checkpoint(tmp_path).epoch == 3
+    (tmp_path / "checkpoints" / ".epoch-099.partial").mkdir()  # staging folder of a killed save
+    assert find_resume_checkpoint(tmp_path).epoch == before_last.epoch
     with pytest.raises(CheckpointError, match="corrupted"):
         CheckpointEnsemble.from_pretrained(tmp_path)

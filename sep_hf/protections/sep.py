@@ -1,0 +1,213 @@
+"""SEP, SEP-FA and SEP-FA-VR: Self-Ensemble Protection (Chen et al., ICLR 2023).
+
+Paper: "Self-Ensemble Protection: Training Checkpoints Are Good Data Protectors",
+https://openreview.net/forum?id=9MO7bjoAfIA. Distance measure: L-inf. Pixels in [0, 1].
+
+Given K checkpoints f_1..f_K of one training run and an image x of class y (C classes), push x
+towards the target class g(y) = (y + C/2) mod C with T signed-gradient steps of size alpha,
+projected onto the eps-ball around x and [0, 1]:
+
+* ``sep``: loss_k = CE(f_k(x'), g(y)), step along -sign(mean_k grad loss_k).
+* ``sep-fa``: loss_k = MSE(phi_k(x'), mu_k[g(y)]), phi_k the penultimate features of checkpoint k
+  and mu_k[c] their mean over the clean training images of class c.
+* ``sep-fa-vr``: per outer step, the ensemble gradient G and each g_k at x'; then M inner steps
+  each pick a checkpoint j (per example, seeded by the example's global index) and move an inner
+  copy along the accumulated variance-reduced direction grad loss_j(x_inner) - (g_j - G), using
+  checkpoint j's own class means; the outer step follows the accumulated direction.
+
+Output pixels are rounded to uint8 levels and clamped so |x' - x| <= eps holds for every pixel.
+
+Example::
+
+    ensemble = CheckpointEnsemble.from_pretrained("org/cifar10-sep-source", num_models=6)
+    protected = craft_sep(images, labels, ensemble, SEPConfig(method="sep-fa-vr", eps=8 / 255, steps=30))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from sep_hf.ensemble import CheckpointEnsemble, tensor_hash
+from sep_hf.protections import register_protection
+from sep_hf.protections.base import ProtectionTransform, budget_clamp, config_hash
+
+__all__ = ["SEPConfig", "SEPTransform", "craft_sep", "vr_picks", "target_classes"]
+
+METHODS = ("sep", "sep-fa", "sep-fa-vr")
+
+
+@dataclass
+class SEPConfig:
+    """Hyperparameters of SEP crafting (paper defaults: eps 8/255, 30 steps of 1/255)."""
+
+    method: str = field(default="sep-fa-vr", metadata={"help": "sep | sep-fa | sep-fa-vr"})
+    eps: float = field(default=8 / 255, metadata={"help": "L-inf budget, pixels in [0, 1] (8/255 = 0.0314)."})
+    steps: int = field(default=30, metadata={"help": "Outer signed-gradient steps T."})
+    step_size: float = field(default=1 / 255, metadata={"help": "Step size alpha, pixels in [0, 1]."})
+    vr_steps: int | None = field(default=None, metadata={"help": "Inner VR steps M (default: K, the ensemble size)."})
+    seed: int = field(default=0, metadata={"help": "Seed of VR's checkpoint picks (with each example's index)."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast (CUDA, AMX CPUs)."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'.")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps is in [0, 1] pixel units (8/255 = {8 / 255:.4f}); got {self.eps}.")
+        if self.steps <= 0 or self.step_size <= 0:
+            raise ValueError(f"steps and step_size must be positive (got {self.steps}, {self.step_size}).")
+        if self.vr_steps is not None and self.vr_steps <= 0:
+            raise ValueError(f"vr_steps must be positive, got {self.vr_steps}.")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.method != "sep"
+
+
+def target_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """g(y) = (y + C/2) mod C: CIFAR-10 (y + 5) % 10, CIFAR-100 (y + 50) % 100."""
+    return (labels + num_classes // 2) % num_classes
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 on int64 tensors (wrapping arithmetic; logical shifts emulated with masks)."""
+    x = x + _GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def vr_picks(indices: torch.Tensor, seed: int, outer_step: int, inner_steps: int, num_models: int) -> torch.Tensor:
+    """(N, M) checkpoint picks for VR, a pure function of (seed, global index, step): no process state."""
+    key = _splitmix64(torch.full_like(indices, seed) * 1_000_003 + indices.long())
+    key = _splitmix64(key + outer_step)
+    inner = torch.arange(inner_steps, device=indices.device)
+    mixed = _splitmix64(key.view(-1, 1) * 31 + inner.view(1, -1))
+    return ((mixed >> 1) % num_models).long()  # >> 1 keeps the value non-negative
+
+
+def _loss(ensemble: CheckpointEnsemble, k: int, x: torch.Tensor, target: torch.Tensor, class_means) -> torch.Tensor:
+    """Sum over examples of checkpoint k's SEP loss (per-example terms are independent)."""
+    model = ensemble.models[k]
+    x = x.contiguous(memory_format=torch.channels_last)
+    if class_means is None:
+        return F.cross_entropy(model(x).float(), target, reduction="sum")
+    features = model.features(x).float()
+    return (features - class_means[k][target]).pow(2).mean(1).sum()
+
+
+def _grad(ensemble, k, x, target, class_means, bf16: bool) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    with ensemble.autocast(bf16):
+        loss = _loss(ensemble, k, x, target, class_means)
+    return torch.autograd.grad(loss, x)[0]
+
+
+def _project(x: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.minimum(torch.maximum(x, original - eps), original + eps).clamp_(0.0, 1.0)
+
+
+def craft_sep(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ensemble: CheckpointEnsemble,
+    config: SEPConfig,
+    indices: torch.Tensor | None = None,
+    class_means: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Protect ``images`` (N, C, H, W) in [0, 1] with SEP; returns float pixels on the 1/255 grid.
+
+    ``indices`` (global example indices, default 0..N-1) seed VR's picks. ``class_means`` (K, C, D)
+    for the FA variants; by default they are computed from ``images`` and ``labels`` themselves,
+    so pass the ones of the whole training set when crafting a part of it.
+    """
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"images must be (N, C, H, W) with N = len(labels); got {tuple(images.shape)}, {len(labels)}.")
+    device = ensemble.device
+    original = images.to(device, torch.float32)
+    labels = labels.to(device)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= ensemble.num_classes):
+        raise ValueError(f"labels must be in [0, {ensemble.num_classes}); the ensemble has {ensemble.num_classes} classes.")
+    indices = (torch.arange(len(labels)) if indices is None else indices).to(device)
+    target = target_classes(labels, ensemble.num_classes)
+    if config.uses_features:
+        if class_means is None:
+            class_means = ensemble.class_means(images, labels.cpu())
+        class_means = class_means.to(device, torch.float32)
+    else:
+        class_means = None
+    K = ensemble.num_models
+    inner_steps = config.vr_steps or K
+    x = original.clone()
+    for step in range(config.steps):
+        if config.method == "sep-fa-vr":
+            per_model = torch.stack([_grad(ensemble, k, x, target, class_means, config.bf16) for k in range(K)])
+            mean_grad = per_model.mean(0)
+            picks = vr_picks(indices, config.seed, step, inner_steps, K)
+            inner, accumulated = x.clone(), torch.zeros_like(x)
+            rows = torch.arange(len(x), device=device)
+            for m in range(inner_steps):
+                direction = torch.empty_like(x)
+                for k in picks[:, m].unique().tolist():
+                    chosen = (picks[:, m] == k).nonzero().squeeze(1)
+                    direction[chosen] = _grad(ensemble, k, inner[chosen], target[chosen], class_means, config.bf16)
+                accumulated += direction - (per_model[picks[:, m], rows] - mean_grad)
+                inner = _project(inner - config.step_size * accumulated.sign(), original, config.eps)
+            direction = accumulated
+        else:
+            direction = sum(_grad(ensemble, k, x, target, class_means, config.bf16) for k in range(K))
+        x = _project(x - config.step_size * direction.sign(), original, config.eps)
+    return budget_clamp(x, original, config.eps)
+
+
+class SEPTransform(ProtectionTransform):
+    """``Dataset.map`` adapter for SEP: ``dataset.map(SEPTransform(ensemble, config), batched=True,
+    with_indices=True)``. Pass ``class_means`` of the whole clean training set for the FA variants."""
+
+    name = "sep"
+    extra_stat_features = {"checkpoints_predicting_label": "int32", "checkpoints_predicting_target": "int32"}
+
+    def __init__(self, ensemble: CheckpointEnsemble, config: SEPConfig, class_means: torch.Tensor | None = None,
+                 image_column: str | None = None, label_column: str | None = None, return_stats: bool = False):
+        super().__init__(image_column, label_column, return_stats)
+        if config.uses_features and class_means is None:
+            raise ValueError(f"{config.method} needs class_means: ensemble.class_means(train_images, train_labels).")
+        self.ensemble = ensemble
+        self.config = config
+        self.class_means = class_means
+
+    def protect(self, images, labels, indices):
+        return craft_sep(images, labels, self.ensemble, self.config, indices=indices, class_means=self.class_means)
+
+    def extra_stats(self, protected, labels):
+        predictions = self.ensemble.predict(protected)  # (K, N)
+        target = target_classes(labels, self.ensemble.num_classes)
+        return {
+            "checkpoints_predicting_label": (predictions == labels).sum(0).tolist(),
+            "checkpoints_predicting_target": (predictions == target).sum(0).tolist(),
+        }
+
+    def config_dict(self) -> dict:
+        return {"method": self.config.method, **asdict(self.config), "checkpoints": self.ensemble.epochs,
+                "checkpoint_source": self.ensemble.source, "checkpoint_revision": self.ensemble.revision}
+
+    def fingerprint(self) -> str:
+        means = None if self.class_means is None else tensor_hash(self.class_means)
+        return config_hash(asdict(self.config), self.ensemble.fingerprint, means, self.ensemble.device.type)
+
+
+for _method in METHODS:
+    register_protection(_method, SEPConfig, SEPTransform)
