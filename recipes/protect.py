@@ -39,7 +39,8 @@ def main():
     else:
         args, data_args, source_config, run_args = parser.parse_args_into_dataclasses()
     run_args.output_dir = run_args.output_dir or f"runs/protect-{args.method}"
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("sep_hf").setLevel(logging.INFO)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(run_args.mixed_precision, use_cpu=False),
                               gradient_accumulation_steps=run_args.gradient_accumulation_steps)
 

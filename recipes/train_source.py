@@ -43,7 +43,8 @@ def main():
     prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/launch.py)
     config, data_args, run_args, hub_args = parse_args(make_parser())
     run_args.output_dir = run_args.output_dir or "runs/source"
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("sep_hf").setLevel(logging.INFO)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(run_args.mixed_precision, use_cpu=False),
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,

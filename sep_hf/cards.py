@@ -7,7 +7,7 @@ import json
 
 import torch
 
-__all__ = ["training_curve_png", "source_model_card", "sample_grid_png", "protected_dataset_card", "VICTIM_TABLE_START", "VICTIM_TABLE_END", "replace_victim_table"]
+__all__ = ["accuracy_curve_png", "victim_model_card", "training_curve_png", "source_model_card", "sample_grid_png", "protected_dataset_card", "VICTIM_TABLE_START", "VICTIM_TABLE_END", "add_victim_to_dataset_card"]
 
 
 def _figure_png(fig) -> bytes:
@@ -19,25 +19,32 @@ def _figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def training_curve_png(history: list[dict], title: str = "Source training") -> bytes:
-    """Clean test accuracy and train loss per epoch, checkpoints marked."""
+def accuracy_curve_png(epochs: list[int], accuracy: list[float], loss: list[float] | None = None,
+                       title: str = "", accuracy_label: str = "clean test accuracy", loss_label: str = "train loss") -> bytes:
+    """Accuracy (left axis) and optionally a loss (right axis) per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
     fig, accuracy_axis = plt.subplots(figsize=(6, 3.5))
-    accuracy_axis.plot(epochs, [row["clean_test_accuracy"] for row in history], "o-", color="tab:blue", ms=3)
+    accuracy_axis.plot(epochs, accuracy, "o-", color="tab:blue", ms=3)
     accuracy_axis.set_xlabel("epoch")
-    accuracy_axis.set_ylabel("clean test accuracy", color="tab:blue")
+    accuracy_axis.set_ylabel(accuracy_label, color="tab:blue")
     accuracy_axis.set_ylim(0, 1)
-    loss_axis = accuracy_axis.twinx()
-    loss_axis.plot(epochs, [row["train_loss"] for row in history], "s--", color="tab:red", ms=3)
-    loss_axis.set_ylabel("train loss", color="tab:red")
+    if loss is not None:
+        loss_axis = accuracy_axis.twinx()
+        loss_axis.plot(epochs, loss, "s--", color="tab:red", ms=3)
+        loss_axis.set_ylabel(loss_label, color="tab:red")
     accuracy_axis.set_title(title)
     accuracy_axis.grid(alpha=0.3)
     return _figure_png(fig)
+
+
+def training_curve_png(history: list[dict], title: str = "Source training") -> bytes:
+    """Clean test accuracy and train loss per epoch of a source run."""
+    return accuracy_curve_png([row["epoch"] for row in history], [row["clean_test_accuracy"] for row in history],
+                              [row["train_loss"] for row in history], title)
 
 
 def _yaml_front_matter(data) -> str:
@@ -159,9 +166,23 @@ def _victim_table(rows: list[dict]) -> str:
     return f"{VICTIM_TABLE_START}\n{body}\n{VICTIM_TABLE_END}"
 
 
-def replace_victim_table(card_text: str, rows: list[dict]) -> str:
-    start, end = card_text.index(VICTIM_TABLE_START), card_text.index(VICTIM_TABLE_END) + len(VICTIM_TABLE_END)
-    return card_text[:start] + _victim_table(rows) + card_text[end:]
+VICTIMS_KEY = "sep_hf_victims"
+
+
+def add_victim_to_dataset_card(card, row: dict):
+    """Record a victim in the card's YAML (``sep_hf_victims``) and redraw the table from it.
+
+    A row for the same victim repo (or the same local model, defense and size) is replaced.
+    """
+    if VICTIM_TABLE_START not in card.text:
+        raise ValueError("This dataset card has no sep-hf victim table; was the dataset published by sep-hf?")
+    key = ("hub_model_id", "model", "defense", "num_train") if not row.get("hub_model_id") else ("hub_model_id",)
+    rows = [r for r in (card.data.get(VICTIMS_KEY) or []) if any(r.get(k) != row.get(k) for k in key)] + [row]
+    card.data[VICTIMS_KEY] = rows
+    start = card.text.index(VICTIM_TABLE_START)
+    end = card.text.index(VICTIM_TABLE_END) + len(VICTIM_TABLE_END)
+    card.text = card.text[:start] + _victim_table(rows) + card.text[end:]
+    return card
 
 
 def protected_dataset_card(results: dict, source_dataset: str, source_revision: str | None, grid_file: str):
@@ -216,3 +237,61 @@ Accuracy on the clean test split of models trained on this protected data:
 ```
 """
     return data, body
+
+
+# ----------------------------------------------------------------------------------------------
+# victim model card
+
+
+def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
+    """Card of a victim: clean test accuracy in ``model-index``, the (protected) data it saw."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    name = (repo_id or f"{results['model']}-victim").split("/")[-1]
+    eval_id = results["eval_dataset"]
+    train_id = results["dataset"]
+    eval_results = [EvalResult(
+        task_type="image-classification", task_name="Image Classification", dataset_type=eval_id,
+        dataset_name=eval_id, dataset_split=results["eval_split"], dataset_revision=results.get("eval_dataset_revision"),
+        metric_type="accuracy", metric_value=round(results["eval_accuracy"], 4),
+        metric_name=f"clean test accuracy ({results['num_eval']} images)",
+    )]
+    data = ModelCardData(
+        library_name="transformers", tags=["sep-hf", "victim", "timm", "image-classification", results["defense"]],
+        datasets=[d for d in {train_id, eval_id} if not d.startswith("/")], metrics=["accuracy"],
+        model_name=name, eval_results=eval_results, pipeline_tag="image-classification",
+    )
+    reference = results.get("clean_reference_accuracy")
+    reference_line = (f"- clean-trained reference (same recipe, clean data): **{reference:.4f}**"
+                      if reference is not None else "- clean-trained reference: not measured for this run")
+    rows = "\n".join(f"| {row['epoch']} | {row['eval_accuracy']:.4f} |" for row in results["history"])
+    revision = f" at revision `{results['dataset_revision']}`" if results.get("dataset_revision") else ""
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+A victim model for measuring data protection with `sep-hf`: `{results['model']}` trained with
+transformers `Trainer` (`TimmWrapperForImageClassification`) on **`{train_id}`**{revision}
+({results['num_train']} training images, defense: `{results['defense']}`), evaluated on the **clean**
+`{results['eval_split']}` split of `{eval_id}`.
+
+- clean test accuracy: **{results['eval_accuracy']:.4f}** ({results['num_eval']} images)
+{reference_line}
+- training: {results['training_config']['epochs']} epochs, {results['train_seconds']:.0f} s
+
+| epoch | clean test accuracy |
+|---:|---:|
+{rows}
+
+![clean test accuracy per epoch]({curve_file})
+
+```python
+import sep_hf.models  # registers the *_cifar architectures with timm
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained("{repo_id or 'OUTPUT_DIR/model'}")
+processor = AutoImageProcessor.from_pretrained("{repo_id or 'OUTPUT_DIR/model'}")
+```
+"""
+    return ModelCard(text)

@@ -329,6 +329,7 @@ class DataArguments:
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: the ClassLabel feature)."})
     resize: list[int] | None = field(default=None, metadata={"help": "Resize every image to H W (needed for mixed sizes)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on / protect."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Clean dataset to evaluate on (default: --dataset)."})
     eval_split: str = field(default="test", metadata={"help": "Clean split to evaluate on."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
@@ -358,16 +359,27 @@ class TrainingData:
     class_names: tuple[str, ...]
     dataset_id: str
     dataset_revision: str | None
+    eval_dataset_id: str | None = None  # None: the same dataset as training
+    eval_dataset_revision: str | None = None
 
 
 def load_training_data(args: DataArguments, dataset: ImageDataset | None = None) -> TrainingData:
-    """Decode the train and eval splits named by ``args`` into tensors."""
+    """Decode the train split (of ``--dataset``) and eval split (of ``--eval_dataset``) into tensors."""
     dataset = dataset or args.load()
+    eval_dataset = dataset
+    if args.eval_dataset and resolve_dataset_name(args.eval_dataset) != dataset.dataset_id:
+        eval_dataset = load_image_dataset(args.eval_dataset, None, args.image_column, args.label_column)
+        if eval_dataset.columns.class_names != dataset.columns.class_names:
+            raise DatasetError(
+                f"Evaluation dataset '{args.eval_dataset}' has classes {eval_dataset.columns.class_names[:4]}... but "
+                f"'{args.dataset}' has {dataset.columns.class_names[:4]}...: they must share one ClassLabel."
+            )
     train = split_to_tensors(dataset.split(args.train_split), dataset.columns, args.max_train_samples, args.resize,
                              desc=f"Decoding {args.train_split}")
-    evaluation = split_to_tensors(dataset.split(args.eval_split), dataset.columns, args.max_eval_samples, args.resize,
-                                  desc=f"Decoding {args.eval_split}")
-    return TrainingData(*train, *evaluation, dataset.columns.class_names, dataset.dataset_id, dataset.revision)
+    evaluation = split_to_tensors(eval_dataset.split(args.eval_split), eval_dataset.columns, args.max_eval_samples,
+                                  args.resize, desc=f"Decoding {args.eval_split}")
+    return TrainingData(*train, *evaluation, dataset.columns.class_names, dataset.dataset_id, dataset.revision,
+                        eval_dataset.dataset_id, eval_dataset.revision)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ __all__ = [
     "download_repo",
     "repo_files",
     "upload_folder",
+    "load_card",
+    "push_card",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,23 @@ def upload_folder(repo_id: str, folder: str | Path, repo_type: str = "dataset", 
     except HfHubHTTPError as err:
         raise HubError(f"Upload to {repo_type} repo '{repo_id}' failed: {err}") from err
     return info.oid
+
+
+def load_card(repo_id: str, repo_type: str = "dataset"):
+    from huggingface_hub import DatasetCard, ModelCard
+
+    cls = DatasetCard if repo_type == "dataset" else ModelCard
+    try:
+        return cls.load(repo_id, repo_type=repo_type)
+    except HfHubHTTPError as err:
+        raise HubError(f"Cannot read the card of {repo_type} repo '{repo_id}': {err}") from err
+
+
+def push_card(card, repo_id: str, repo_type: str = "dataset", message: str = "Update card") -> None:
+    try:
+        card.push_to_hub(repo_id, repo_type=repo_type, commit_message=message)
+    except HfHubHTTPError as err:
+        raise HubError(f"Cannot update the card of {repo_type} repo '{repo_id}' (write access?): {err}") from err
 
 
 def repo_files(repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:

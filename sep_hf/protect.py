@@ -117,7 +117,10 @@ def run_protection(
     accelerator,
 ) -> dict | None:
     """Protect a dataset and publish it; returns results.json's content on the main process."""
+    train_here_with_all_checkpoints = args.checkpoints is None and args.num_models is None
     apply_preset(run_args.preset, args, data_args, source_config)
+    if train_here_with_all_checkpoints:  # the run's own K checkpoints, whatever --num_checkpoints says
+        args.num_models = None
     output_dir = Path(run_args.output_dir)
     method_config = args.method_config()
     wall: dict[str, float] = {}

@@ -22,6 +22,7 @@ from sep_hf.data import TrainingData
 from sep_hf.models import build_model
 
 __all__ = [
+    "TrainingRecipe",
     "SourceTrainingConfig",
     "augment_crop_flip",
     "channel_stats",
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SourceTrainingConfig:
-    """Hyperparameters of the source run. ``None`` fields are filled from the preset."""
+class TrainingRecipe:
+    """Optimizer, schedule and augmentation shared by source and victim training (preset-filled)."""
 
     model: str | None = field(default=None, metadata={"help": "timm model name, e.g. resnet18_cifar or smallnet_cifar."})
     epochs: int | None = field(default=None, metadata={"help": "Training epochs."})
@@ -49,11 +50,7 @@ class SourceTrainingConfig:
     warmup_epochs: float | None = field(default=None, metadata={"help": "Linear lr warm-up, in epochs."})
     crop_padding: int | None = field(default=None, metadata={"help": "Random-crop padding in pixels (0 disables)."})
     flip: bool | None = field(default=None, metadata={"help": "Random horizontal flips."})
-    num_checkpoints: int | None = field(default=None, metadata={"help": "K evenly spaced checkpoints (0: every epoch)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialization, data order and augmentation."})
-
-    def checkpoint_epochs(self) -> list[int]:
-        return evenly_spaced(self.epochs, self.num_checkpoints)
 
     def __post_init__(self):
         if self.lr_schedule not in (None, "step", "linear"):
@@ -62,6 +59,21 @@ class SourceTrainingConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}.")
+
+    def optimizer_and_schedule(self, parameters, steps_per_epoch: int):
+        optimizer = torch.optim.SGD(parameters, lr=self.learning_rate, momentum=self.momentum,
+                                    nesterov=self.nesterov, weight_decay=self.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(self, steps_per_epoch))
+
+
+@dataclass
+class SourceTrainingConfig(TrainingRecipe):
+    """Hyperparameters of the source run. ``None`` fields are filled from the preset."""
+
+    num_checkpoints: int | None = field(default=None, metadata={"help": "K evenly spaced checkpoints (0: every epoch)."})
+
+    def checkpoint_epochs(self) -> list[int]:
+        return evenly_spaced(self.epochs, self.num_checkpoints)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -96,7 +108,7 @@ def _seeded(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _lr_lambda(config: SourceTrainingConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def _lr_lambda(config: TrainingRecipe, steps_per_epoch: int) -> Callable[[int], float]:
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     total = config.epochs * steps_per_epoch
 
@@ -170,9 +182,7 @@ def train_source(
     model = build_model(config.model, num_classes=len(data.class_names), img_size=tuple(data.train_images.shape[2:]),
                         mean=mean, std=std)
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
+    optimizer, scheduler = config.optimizer_and_schedule(model.parameters(), steps_per_epoch)
 
     start_epoch, history, train_seconds = 0, [], 0.0
     if resume_from is not None:

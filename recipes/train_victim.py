@@ -1,0 +1,50 @@
+"""Train a victim on a (protected) dataset with transformers Trainer; report clean test accuracy.
+
+    accelerate launch recipes/train_victim.py --dataset org/cifar10-sep --eval_dataset cifar10 \
+        --model resnet18_cifar --push_to_hub --hub_model_id org/cifar10-sep-victim-resnet18 --update_dataset_card
+
+    accelerate launch recipes/train_victim.py --dataset runs/protect-sep-fa-vr/dataset --eval_dataset cifar10 --preset cpu
+
+The victim is a TimmWrapperForImageClassification (any timm name, or the registered *_cifar ones;
+--pretrained fine-tunes timm's Hub weights), trained from scratch with the source recipe of
+--preset and evaluated every epoch on the CLEAN --eval_split of --eval_dataset with the shipped
+`evaluate` accuracy module. Writes OUTPUT_DIR/results.json (eval_accuracy, per-epoch history) and
+OUTPUT_DIR/model (weights, image processor, card whose model-index holds the accuracy).
+"""
+
+import logging
+import sys
+
+from transformers import HfArgumentParser
+
+from sep_hf.data import DataArguments
+from sep_hf.launch import prepare_launch
+from sep_hf.runs import HubArguments, RunArguments, VictimArguments, run_victim
+from sep_hf.victims import VictimTrainingConfig
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((VictimTrainingConfig, DataArguments, RunArguments, HubArguments, VictimArguments))
+
+
+def main():
+    prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/launch.py)
+    parser = make_parser()
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        load = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
+        config, data_args, run_args, hub_args, victim_args = load(sys.argv[1])
+    else:
+        config, data_args, run_args, hub_args, victim_args = parser.parse_args_into_dataclasses()
+    run_args.output_dir = run_args.output_dir or "runs/victim"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("sep_hf").setLevel(logging.INFO)
+
+    # Training (Trainer), evaluation on clean data, card, push
+    results = run_victim(config, data_args, run_args, hub_args, victim_args)
+    if results is not None:
+        print(f"{results['model']} trained on {results['dataset']} ({results['num_train']} images, defense "
+              f"{results['defense']}): clean test accuracy {results['eval_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

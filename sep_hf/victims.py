@@ -1,0 +1,214 @@
+"""Victims: timm models trained with transformers ``Trainer`` on (protected) data, evaluated clean.
+
+The model is a stock ``TimmWrapperForImageClassification`` (so the pushed repo loads with
+``AutoModelForImageClassification`` + ``AutoImageProcessor``); normalization is the image
+processor's job, done here by the collator on whole batches. Spatial augmentation commutes with
+per-channel normalization, so it runs on normalized batches inside ``compute_loss``; defenses
+that need pixels (JPEG, grayscale, PGD) get them back through ``VictimTrainer.to_pixels``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from sep_hf.data import TrainingData
+from sep_hf.training import TrainingRecipe, augment_crop_flip, channel_stats
+
+__all__ = [
+    "VictimTrainingConfig",
+    "TensorImageDataset",
+    "VictimCollator",
+    "VictimTrainer",
+    "build_victim_model",
+    "train_victim",
+    "ACCURACY_METRIC",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCURACY_METRIC = str(Path(__file__).parent / "metrics" / "accuracy.py")
+
+
+@dataclass
+class VictimTrainingConfig(TrainingRecipe):
+    """The appropriator's training: the source recipe by default, plus a defense."""
+
+    pretrained: bool = field(default=False, metadata={"help": "Fine-tune timm's pretrained weights (a Hub model such as resnet18.a1_in1k)."})
+    defense: str = field(default="none", metadata={"help": "Training-time defense of the victim (none)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.defense != "none":
+            raise ValueError(f"Unknown defense '{self.defense}'; available: none.")
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) and labels in memory: indexing is a tensor view, not a decode."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+class VictimCollator:
+    """Stacks a batch and normalizes it (the image processor's step): pixel_values, labels."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        images = torch.stack([example["image"] for example in examples]).float().div_(255.0)
+        return {"pixel_values": (images - self.mean) / self.std,
+                "labels": torch.stack([example["label"] for example in examples])}
+
+
+class VictimTrainer(Trainer):
+    """``Trainer`` with batched augmentation and label smoothing in ``compute_loss``."""
+
+    def __init__(self, *args, recipe: TrainingRecipe, mean, std, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self._generator = torch.Generator().manual_seed(recipe.seed)
+
+    def get_train_dataloader(self):
+        # Drop the last partial batch in training only (as the source loop does); never in evaluation.
+        self.args.dataloader_drop_last = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args.dataloader_drop_last = False
+
+    def to_pixels(self, normalized: torch.Tensor) -> torch.Tensor:
+        return normalized * self.std.to(normalized.device) + self.mean.to(normalized.device)
+
+    def to_normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
+
+    def training_inputs(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Augmented (and, for defenses, transformed) normalized inputs of one training batch."""
+        return augment_crop_flip(pixel_values, self.recipe.crop_padding, self.recipe.flip, self._generator)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if model.training:
+            pixel_values = self.training_inputs(pixel_values, labels)
+        outputs = model(pixel_values=pixel_values.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(outputs.logits.float(), labels,
+                               label_smoothing=self.recipe.label_smoothing if model.training else 0.0)
+        return (loss, outputs) if return_outputs else loss
+
+
+class _EpochAccuracy(TrainerCallback):
+    """Keeps (epoch, accuracy) after every evaluation for the card's curve."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_accuracy" in metrics:
+            self.history.append({"epoch": round(state.epoch or 0), "eval_accuracy": metrics["eval_accuracy"],
+                                 "eval_loss": metrics.get("eval_loss")})
+
+
+def build_victim_model(config: VictimTrainingConfig, class_names, img_size):
+    """A ``TimmWrapperForImageClassification`` for the dataset's classes, PyTorch-default initialized."""
+    import sep_hf.models  # noqa: F401  registers the *_cifar architectures with timm
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    labels = {"id2label": dict(enumerate(class_names)), "label2id": {n: i for i, n in enumerate(class_names)}}
+    if config.pretrained:
+        return TimmWrapperForImageClassification.from_pretrained(
+            config.model if "/" in config.model else f"timm/{config.model}", num_labels=len(class_names),
+            ignore_mismatched_sizes=True, **labels)
+    model_args = {}
+    pretrained_cfg = timm.models.get_pretrained_cfg(config.model.split(".")[0])
+    if pretrained_cfg is not None and getattr(pretrained_cfg, "fixed_input_size", False):
+        model_args["img_size"] = img_size
+    timm_config = TimmWrapperConfig(architecture=config.model.split(".")[0], num_labels=len(class_names),
+                                    model_args=model_args or None, **labels)
+    model = TimmWrapperForImageClassification(timm_config)
+    # transformers re-initializes every layer with N(0, 0.02); train from PyTorch's defaults as the
+    # source model does, so clean victims and source share one recipe.
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+    return model
+
+
+def _processor_config(mean, std, img_size) -> dict:
+    """timm ``pretrained_cfg`` saved in config.json: what ``AutoImageProcessor`` normalizes with."""
+    return {"input_size": (3, *img_size), "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0,
+            "crop_mode": "center", "interpolation": "bicubic"}
+
+
+def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: str | Path,
+                 mixed_precision: str = "no", report_to: str = "none") -> dict:
+    """Train a victim on ``data.train_*`` and evaluate on the clean ``data.eval_*`` every epoch."""
+    import evaluate
+    from transformers import TrainingArguments
+
+    output_dir = Path(output_dir)
+    torch.manual_seed(config.seed)
+    img_size = tuple(data.train_images.shape[2:])
+    model = build_victim_model(config, data.class_names, img_size)
+    if config.pretrained:
+        data_config = model.timm_model.pretrained_cfg
+        mean, std = list(data_config["mean"]), list(data_config["std"])
+    else:
+        mean, std = channel_stats(data.train_images)
+    model.config.pretrained_cfg = _processor_config(mean, std, img_size)
+    model = model.to(memory_format=torch.channels_last)
+
+    steps_per_epoch = len(data.train_labels) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size {config.batch_size} is larger than the {len(data.train_labels)} training images.")
+    optimizer, scheduler = config.optimizer_and_schedule(model.parameters(), steps_per_epoch)
+    args = TrainingArguments(
+        output_dir=str(output_dir / "trainer"), num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=500,
+        eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=report_to,
+        seed=config.seed, bf16=mixed_precision == "bf16", fp16=mixed_precision == "fp16",
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
+    )
+    metric = evaluate.load(ACCURACY_METRIC)
+
+    def compute_metrics(prediction):
+        return metric.compute(predictions=prediction.predictions.argmax(-1), references=prediction.label_ids)
+
+    history = _EpochAccuracy()
+    trainer = VictimTrainer(
+        model=model, args=args, train_dataset=TensorImageDataset(data.train_images, data.train_labels),
+        eval_dataset=TensorImageDataset(data.eval_images, data.eval_labels), data_collator=VictimCollator(mean, std),
+        compute_metrics=compute_metrics, optimizers=(optimizer, scheduler), callbacks=[history],
+        recipe=config, mean=mean, std=std,
+    )
+    train_output = trainer.train()
+    final = history.history[-1]  # the evaluation after the last epoch is the final model's
+    trainer.save_model(str(output_dir / "model"))
+    return {
+        "eval_accuracy": final["eval_accuracy"],
+        "eval_loss": final["eval_loss"],
+        "history": history.history,
+        "train_seconds": train_output.metrics["train_runtime"],
+        "train_samples_per_second": train_output.metrics["train_samples_per_second"],
+        "num_train": len(data.train_labels),
+        "num_eval": len(data.eval_labels),
+        "training_config": asdict(config),
+        "normalization": {"mean": mean, "std": std},
+    }

@@ -1,0 +1,61 @@
+"""Victim building blocks: the shipped metric, collator normalization, model init, dataset-card rows."""
+from __future__ import annotations
+
+import evaluate
+import pytest
+import torch
+from huggingface_hub import DatasetCard
+
+from sep_hf.cards import add_victim_to_dataset_card, protected_dataset_card
+from sep_hf.victims import ACCURACY_METRIC, VictimCollator, VictimTrainingConfig, build_victim_model
+
+
+def test_accuracy_metric_loads_offline_and_computes():
+    metric = evaluate.load(ACCURACY_METRIC)
+    assert metric.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2]) == {"accuracy": 0.75}
+
+
+def test_collator_normalizes_like_the_image_processor():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    batch = VictimCollator(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.1])(
+        [{"image": image, "label": torch.tensor(i)} for i, image in enumerate(images)])
+    expected = (images.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.2, 0.1]).view(1, 3, 1, 1)
+    torch.testing.assert_close(batch["pixel_values"], expected)
+    assert batch["labels"].tolist() == [0, 1, 2, 3]
+
+
+def test_victim_model_is_a_timm_wrapper_with_pytorch_default_init():
+    config = VictimTrainingConfig(model="smallnet_cifar")
+    model = build_victim_model(config, [f"c{i}" for i in range(7)], (32, 32))
+    assert type(model).__name__ == "TimmWrapperForImageClassification" and model.config.num_labels == 7
+    assert model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 7)
+    conv = model.timm_model.stem[0]
+    # transformers' N(0, 0.02) init would give std 0.02; PyTorch's kaiming-uniform gives ~1/sqrt(3 * fan_in)
+    assert conv.weight.std().item() == pytest.approx((1 / (3 * 27)) ** 0.5, rel=0.2)
+
+
+def test_unknown_defense_is_rejected():
+    with pytest.raises(ValueError, match="Unknown defense 'magic'"):
+        VictimTrainingConfig(defense="magic")
+
+
+def _card():
+    results = {"eps": 8.0, "method": "sep", "steps": 10, "step_size": 1.0,
+               "checkpoints": {"epochs": [2, 4], "source": "org/src", "revision": "a" * 40},
+               "splits": {"train": {"num_examples": 10, "max_linf": 8, "mean_psnr": 35.0, "mean_l2": 1.2}},
+               "config": {"method": "sep"}}
+    data, body = protected_dataset_card(results, "uoft-cs/cifar10", "b" * 40, "grid.png")
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def test_victim_rows_are_added_and_replaced():
+    card = _card()
+    assert "No victim has been trained" in card.text
+    row = {"model": "smallnet_cifar", "defense": "none", "num_train": 10, "eval_accuracy": 0.5, "hub_model_id": "org/v1"}
+    card = add_victim_to_dataset_card(card, row)
+    card = add_victim_to_dataset_card(card, {**row, "eval_accuracy": 0.25})
+    card = add_victim_to_dataset_card(card, {**row, "hub_model_id": "org/v2", "eval_accuracy": 0.75})
+    reloaded = DatasetCard(str(card))
+    assert [r["eval_accuracy"] for r in reloaded.data.get("sep_hf_victims")] == [0.25, 0.75]
+    assert "| 0.2500 | org/v1 |" in reloaded.text and "| 0.7500 | org/v2 |" in reloaded.text
+    assert "0.5000" not in reloaded.text and "No victim" not in reloaded.text
