@@ -21,7 +21,7 @@ PRESETS = {
     # Minutes on 2 CPU cores: the small net on the first 10k CIFAR-10 images (2k test images),
     # 12 epochs, 6 checkpoints, SEP with 10 steps.
     "cpu": dict(
-        model="smallnet_cifar", epochs=12, batch_size=128, learning_rate=0.05, momentum=0.9, nesterov=True,
+        model="smallnet_cifar", epochs=12, batch_size=128, learning_rate=0.08, momentum=0.9, nesterov=True,
         weight_decay=5e-4, label_smoothing=0.1, lr_schedule="linear", lr_milestones=[], warmup_epochs=1.0,
         crop_padding=4, flip=True, num_checkpoints=6, max_train_samples=10_000, max_eval_samples=2_000,
         steps=10, num_models=6,

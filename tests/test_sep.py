@@ -165,3 +165,21 @@ def test_transform_maps_a_dataset_with_png_output_and_stats(tiny_ensemble, batch
     pixels = torch.stack([torch.from_numpy(np.array(row["img"])).permute(2, 0, 1) for row in protected]) / 255
     assert torch.equal(pixels, expected)
     assert set(protected["checkpoints_predicting_label"]) <= set(range(tiny_ensemble.num_models + 1))
+
+
+def test_map_over_a_hub_dataset_push_and_reload(loopback_hub, unique_repo_id, tiny_ensemble, batch, means):
+    images, labels = batch
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    source_id, protected_id = unique_repo_id("clean-small"), unique_repo_id("clean-small-sep")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"img": tensor_to_png_images(images), "label": labels.tolist()}, features=features)}).push_to_hub(source_id)
+
+    source = datasets.load_dataset(source_id)
+    config = SEPConfig(method="sep-fa-vr", steps=2)
+    protected = source.map(SEPTransform(tiny_ensemble, config, class_means=means), batched=True, batch_size=8,
+                           with_indices=True)
+    protected.push_to_hub(protected_id)
+    reloaded = datasets.load_dataset(protected_id, split="train")
+    assert reloaded.features == source["train"].features
+    pixels = torch.stack([torch.from_numpy(np.array(row["img"])).permute(2, 0, 1) for row in reloaded]) / 255
+    assert torch.equal(pixels, craft_sep(images, labels, tiny_ensemble, config, class_means=means))

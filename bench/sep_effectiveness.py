@@ -1,0 +1,73 @@
+"""SEP effectiveness at CPU scale: victim accuracy after training on SEP / SEP-FA / SEP-FA-VR data.
+
+    python bench/source_cpu.py            # first: the K=6 checkpoints in bench/runs/source-cpu
+    python bench/sep_effectiveness.py [--methods sep sep-fa sep-fa-vr] [--eps 8]
+
+First 10,000 CIFAR-10 training images protected with the `cpu` source run's 6 checkpoints, T=10
+steps of 1/255, eps 8/255; a victim (small net, the same recipe as the source, transformers
+Trainer) is trained on them and evaluated on the first 2,000 clean test images, next to a victim
+trained on the clean images. Target (issue 4): every variant <= 20% while clean >= 78%.
+Finished runs are reused (delete bench/runs/<name> to redo one).
+"""
+
+import argparse
+from pathlib import Path
+
+from common import RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results
+
+
+def protect(method: str, eps: float, checkpoints: str, dataset: str) -> tuple[Path, dict]:
+    output_dir = RUNS_DIR / f"protect-{method}-eps{eps:g}"
+    if not (output_dir / "results.json").exists():
+        launch("protect.py", ["--dataset", dataset, "--preset", "cpu", "--checkpoints", checkpoints, "--method", method,
+                              "--eps", eps, "--splits", "train", "--output_dir", output_dir],
+               log=RUNS_DIR / f"{output_dir.name}.log")
+    return output_dir / "dataset", read_json(output_dir / "results.json")
+
+
+def victim(name: str, dataset, eval_dataset: str, model: str = "smallnet_cifar") -> dict:
+    output_dir = RUNS_DIR / f"victim-{name}-{model}"
+    if not (output_dir / "results.json").exists():
+        launch("train_victim.py", ["--dataset", dataset, "--eval_dataset", eval_dataset, "--model", model,
+                                   "--preset", "cpu", "--output_dir", output_dir], log=RUNS_DIR / f"{output_dir.name}.log")
+    return read_json(output_dir / "results.json")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["sep", "sep-fa", "sep-fa-vr"])
+    parser.add_argument("--eps", type=float, default=8.0)
+    parser.add_argument("--dataset", default=str(SHARED_CIFAR10))
+    parser.add_argument("--checkpoints", default=str(RUNS_DIR / "source-cpu"))
+    args = parser.parse_args()
+
+    clean = victim("clean", args.dataset, args.dataset)
+    rows = [["clean", "-", "-", "-", f"{clean['eval_accuracy']:.4f}", f"{clean['train_seconds']:.0f}"]]
+    runs = {"clean": {"eval_accuracy": clean["eval_accuracy"], "victim_train_seconds": clean["train_seconds"]}}
+    for method in args.methods:
+        dataset, protection = protect(method, args.eps, args.checkpoints, args.dataset)
+        result = victim(f"{method}-eps{args.eps:g}", dataset, args.dataset)
+        craft = protection["wall_seconds"]["crafting"] + protection["wall_seconds"].get("class_means", 0.0)
+        count = protection["counts"]["train"]
+        runs[method] = {"eval_accuracy": result["eval_accuracy"], "crafting_seconds": craft,
+                        "images_per_second": count / craft, "max_linf": protection["max_linf"],
+                        "mean_psnr": protection["mean_psnr"], "victim_train_seconds": result["train_seconds"],
+                        "history": [row["eval_accuracy"] for row in result["history"]]}
+        rows.append([method, protection["max_linf"], f"{protection['mean_psnr']:.1f}", f"{craft:.0f}",
+                     f"{result['eval_accuracy']:.4f}", f"{result['train_seconds']:.0f}"])
+    table = markdown_table(["training data", "max L-inf (1/255)", "PSNR dB", "crafting s", "victim clean test acc",
+                            "victim train s"], rows)
+    protected = [runs[m]["eval_accuracy"] for m in args.methods]
+    write_results(f"sep_effectiveness_cpu_eps{args.eps:g}", {
+        "setup": {"train_images": 10_000, "test_images": 2_000, "source": "smallnet_cifar, preset cpu, K=6",
+                  "steps": 10, "step_size": "1/255", "eps": f"{args.eps:g}/255", "victim": "smallnet_cifar, preset cpu, Trainer"},
+        "commands": ["python bench/source_cpu.py", "python bench/sep_effectiveness.py " + " ".join(
+            ["--methods", *args.methods, "--eps", f"{args.eps:g}"])],
+        "runs": runs,
+        "targets": {"protected_max": 0.20, "clean_min": 0.78},
+        "met": {"protected": all(a <= 0.20 for a in protected), "clean": clean["eval_accuracy"] >= 0.78},
+    }, table)
+
+
+if __name__ == "__main__":
+    main()
