@@ -40,6 +40,8 @@ def launch(recipe: str, args: list, num_processes: int = 1, env: dict | None = N
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO_ROOT / "recipes" / recipe), *map(str, args)]
     print("$", " ".join(command[2:]), flush=True)
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log or os.devnull, "w") as handle:
         result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=handle,
