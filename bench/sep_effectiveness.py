@@ -47,7 +47,7 @@ def main():
     for method in args.methods:
         dataset, protection = protect(method, args.eps, args.checkpoints, args.dataset)
         result = victim(f"{method}-eps{args.eps:g}", dataset, args.dataset)
-        craft = protection["wall_seconds"]["crafting"] + protection["wall_seconds"].get("class_means", 0.0)
+        craft = protection["wall_seconds"]["crafting"] + protection["wall_seconds"].get("preparation", protection["wall_seconds"].get("class_means", 0.0))
         count = protection["counts"]["train"]
         runs[method] = {"eval_accuracy": result["eval_accuracy"], "crafting_seconds": craft,
                         "images_per_second": count / craft, "max_linf": protection["max_linf"],

@@ -21,13 +21,16 @@ from transformers import HfArgumentParser
 from sep_hf.data import DataArguments
 from sep_hf.launch import prepare_launch
 from sep_hf.protect import ProtectArguments, run_protection
+from sep_hf.protections import arguments_for, protection_arguments
 from sep_hf.runs import RunArguments
 from sep_hf.runtime import resolve_mixed_precision
 from sep_hf.training import SourceTrainingConfig
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ProtectArguments, DataArguments, SourceTrainingConfig, RunArguments))
+    # Methods with flags of their own (e.g. --cuda_key) contribute one dataclass each.
+    return HfArgumentParser((ProtectArguments, DataArguments, SourceTrainingConfig, RunArguments,
+                             *protection_arguments()))
 
 
 def main():
@@ -35,9 +38,9 @@ def main():
     parser = make_parser()
     if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
         load = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        args, data_args, source_config, run_args = load(sys.argv[1])
+        args, data_args, source_config, run_args, *method_args = load(sys.argv[1])
     else:
-        args, data_args, source_config, run_args = parser.parse_args_into_dataclasses()
+        args, data_args, source_config, run_args, *method_args = parser.parse_args_into_dataclasses()
     run_args.output_dir = run_args.output_dir or f"runs/protect-{args.method}"
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("sep_hf").setLevel(logging.INFO)
@@ -45,7 +48,8 @@ def main():
                               gradient_accumulation_steps=run_args.gradient_accumulation_steps)
 
     # Checkpoints, crafting, dataset card, publication
-    results = run_protection(args, data_args, source_config, run_args, accelerator)
+    results = run_protection(args, data_args, source_config, run_args, accelerator,
+                             method_args=arguments_for(args.method, method_args))
     if results is not None:
         where = results["hub_dataset_id"] or f"{run_args.output_dir}/dataset"
         print(f"{args.method} eps {args.eps:g}/255: {results['counts']} images, max L-inf {results['max_linf']}/255, "

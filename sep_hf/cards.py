@@ -190,7 +190,7 @@ def protected_dataset_card(results: dict, source_dataset: str, source_revision: 
     from huggingface_hub import DatasetCardData
 
     eps = results["eps"]
-    checkpoints = results["checkpoints"]
+    checkpoints = results.get("checkpoints")
     data = DatasetCardData(
         task_categories=["image-classification"], tags=["sep-hf", "unlearnable-examples", "data-protection",
                                                         results["method"]],
@@ -203,7 +203,14 @@ def protected_dataset_card(results: dict, source_dataset: str, source_revision: 
     )
     config_json = json.dumps(results["config"], indent=2, sort_keys=True)
     revision = f" (revision `{source_revision}`)" if source_revision else ""
-    ckpt_revision = f" at revision `{checkpoints['revision']}`" if checkpoints.get("revision") else ""
+    if checkpoints:
+        ckpt_revision = f" at revision `{checkpoints['revision']}`" if checkpoints.get("revision") else ""
+        ensemble_line = (f"- checkpoint ensemble: {len(checkpoints['epochs'])} checkpoints (epochs {checkpoints['epochs']}) "
+                         f"of `{checkpoints['source']}`{ckpt_revision}")
+    else:
+        ensemble_line = "- no checkpoints: see the crafting configuration below"
+    steps = f", {results['steps']} steps of {results['step_size']:g}/255" if results.get("steps") else ""
+    protected = ", ".join(f"`{name}`" for name in results.get("protected_splits", results["splits"]))
     body = f"""
 # {data.pretty_name}
 
@@ -212,8 +219,9 @@ Images of `{source_dataset}`{revision} with a small, invisible perturbation craf
 Chen et al., ICLR 2023) with `sep-hf`: a model trained on these images learns much less than one trained on
 the clean originals. Same columns and labels as the source, so it is a drop-in replacement for it.
 
-- method: `{results['method']}`, L-inf budget eps = {eps:g}/255, {results['steps']} steps of {results['step_size']:g}/255
-- checkpoint ensemble: {len(checkpoints['epochs'])} checkpoints (epochs {checkpoints['epochs']}) of `{checkpoints['source']}`{ckpt_revision}
+- method: `{results['method']}`, L-inf budget eps = {eps:g}/255{steps}
+{ensemble_line}
+- protected splits: {protected} (other splits are published unchanged)
 - pixels stored as lossless PNG, rounded to uint8; every pixel satisfies |x' - x| <= eps
 
 ## Perturbation statistics

@@ -1,15 +1,20 @@
-"""The protection job: checkpoints -> crafted splits -> a Hub-layout dataset folder -> one Hub commit.
+"""The protection job: method -> crafted splits -> a Hub-layout dataset folder -> one Hub commit.
 
 Everything that can fail on bad input (unknown dataset, no labels, bad eps, class-count mismatch,
 no write access) is checked before any crafting or upload, and the dataset (parquet shards, card,
 sample grid) reaches the Hub in a single commit, so nothing is ever half-published.
+
+Each method builds its own ``ProtectionTransform`` from a ``ProtectionContext`` (the dataset, the
+run's folders and accelerator, and shared helpers such as the source checkpoints), so adding a
+method touches its own module and the registry only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -24,7 +29,7 @@ from sep_hf.protections.base import STATS_FEATURES, load_shards, protect_split
 from sep_hf.runs import HubArguments, RunArguments, run_source_training, write_json
 from sep_hf.training import SourceTrainingConfig
 
-__all__ = ["ProtectArguments", "run_protection", "GRID_FILE", "DATASET_DIR"]
+__all__ = ["ProtectArguments", "ProtectionContext", "run_protection", "GRID_FILE", "DATASET_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ GRID_IMAGES = 8
 class ProtectArguments:
     """What to craft and where to publish it. eps and step sizes are in 1/255 units."""
 
-    method: str = field(default="sep-fa-vr", metadata={"help": "Protection method: sep | sep-fa | sep-fa-vr."})
+    method: str = field(default="sep-fa-vr", metadata={"help": "Protection method (sep, sep-fa, sep-fa-vr, ...)."})
     eps: float = field(default=8.0, metadata={"help": "L-inf budget in 1/255 units (2, 4, 8, ...)."})
     steps: int | None = field(default=None, metadata={"help": "Crafting steps T (preset: paper 30, cpu 10)."})
     step_size: float = field(default=1.0, metadata={"help": "Step size alpha in 1/255 units."})
@@ -45,7 +50,8 @@ class ProtectArguments:
     num_models: int | None = field(default=None, metadata={"help": "Checkpoints K in the ensemble (preset: paper 15, cpu 6)."})
     checkpoints: str | None = field(default=None, metadata={"help": "Source run folder or Hub model repo; none: train one first."})
     checkpoints_revision: str | None = field(default=None, metadata={"help": "Revision of --checkpoints on the Hub."})
-    splits: list[str] | None = field(default=None, metadata={"help": "Splits to protect and publish (default: all)."})
+    splits: list[str] | None = field(default=None, metadata={"help": "Splits to publish (default: all)."})
+    protect_splits: list[str] | None = field(default=None, metadata={"help": "Splits to protect (default: the method's; SEP: all published)."})
     shard_size: int = field(default=1000, metadata={"help": "Rows per resumable crafting shard."})
     craft_batch_size: int = field(default=250, metadata={"help": "Images crafted together."})
     protection_seed: int = field(default=0, metadata={"help": "Seed of per-example random choices (VR picks)."})
@@ -64,10 +70,56 @@ class ProtectArguments:
         if self.push_to_hub and self.hub_source_model_id is None:
             self.hub_source_model_id = f"{self.hub_dataset_id}-source"
 
-    def method_config(self):
-        config_cls, _ = get_protection(self.method)
-        return config_cls(method=self.method, eps=self.eps / 255, steps=self.steps, step_size=self.step_size / 255,
-                          vr_steps=self.vr_steps, seed=self.protection_seed)
+
+@dataclass
+class ProtectionContext:
+    """What a method may use to build its transform; expensive parts are computed on first use."""
+
+    args: ProtectArguments
+    method_args: object | None  # the method's own argument dataclass instance, if it has one
+    dataset: ImageDataset
+    data_args: DataArguments
+    source_config: SourceTrainingConfig
+    run_args: RunArguments
+    accelerator: object
+    output_dir: Path
+    wall: dict
+
+    @cached_property
+    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean training images (uint8) and labels that are protected, decoded once."""
+        train = self.dataset.split(self.data_args.train_split)
+        return split_to_tensors(train, self.dataset.columns, self.data_args.max_train_samples, self.data_args.resize)
+
+    def ensemble(self) -> CheckpointEnsemble:
+        """The source checkpoints: --checkpoints, or a source run trained (and pushed) here first."""
+        args, accelerator = self.args, self.accelerator
+        if args.checkpoints:
+            ensemble = CheckpointEnsemble.from_pretrained(args.checkpoints, num_models=args.num_models,
+                                                          revision=args.checkpoints_revision, device=accelerator.device)
+        else:
+            start = time.perf_counter()
+            source_run = RunArguments(output_dir=str(self.output_dir / "source"), preset=self.run_args.preset,
+                                      mixed_precision=self.run_args.mixed_precision,
+                                      gradient_accumulation_steps=self.run_args.gradient_accumulation_steps)
+            source_hub = HubArguments(push_to_hub=args.push_to_hub, hub_model_id=args.hub_source_model_id,
+                                      hub_private_repo=True)
+            run_source_training(self.source_config, self.data_args, source_run, source_hub, accelerator)
+            self.wall["source_training"] = time.perf_counter() - start
+            ensemble = CheckpointEnsemble.from_pretrained(self.output_dir / "source", num_models=args.num_models,
+                                                          device=accelerator.device)
+            if args.push_to_hub:  # record where the published checkpoints live, not a local path
+                ensemble.source = args.hub_source_model_id
+                ensemble.revision = hub.repo_commit_sha(args.hub_source_model_id)
+        if ensemble.num_classes != self.dataset.columns.num_classes:
+            raise ValueError(
+                f"The checkpoints ({ensemble.source}) have {ensemble.num_classes} classes but dataset "
+                f"'{self.data_args.dataset}' has {self.dataset.columns.num_classes}: train the source on this dataset."
+            )
+        if list(ensemble.class_names) != list(self.dataset.columns.class_names):
+            logger.warning("Checkpoint class names %s differ from the dataset's %s", ensemble.class_names[:3],
+                           self.dataset.columns.class_names[:3])
+        return ensemble
 
 
 def _published_splits(dataset: ImageDataset, args: ProtectArguments, data_args: DataArguments) -> dict:
@@ -80,33 +132,14 @@ def _published_splits(dataset: ImageDataset, args: ProtectArguments, data_args: 
     return splits
 
 
-def _load_ensemble(args, data_args, source_config, run_args, accelerator, output_dir: Path, wall: dict):
-    if args.checkpoints:
-        return CheckpointEnsemble.from_pretrained(args.checkpoints, num_models=args.num_models,
-                                                  revision=args.checkpoints_revision, device=accelerator.device)
-    start = time.perf_counter()
-    source_run = RunArguments(output_dir=str(output_dir / "source"), preset=run_args.preset,
-                              mixed_precision=run_args.mixed_precision,
-                              gradient_accumulation_steps=run_args.gradient_accumulation_steps)
-    source_hub = HubArguments(push_to_hub=args.push_to_hub, hub_model_id=args.hub_source_model_id, hub_private_repo=True)
-    run_source_training(source_config, data_args, source_run, source_hub, accelerator)
-    wall["source_training"] = time.perf_counter() - start
-    ensemble = CheckpointEnsemble.from_pretrained(output_dir / "source", num_models=args.num_models,
-                                                  device=accelerator.device)
-    if args.push_to_hub:  # record where the published checkpoints live, not a local path
-        ensemble.source, ensemble.revision = args.hub_source_model_id, hub.repo_commit_sha(args.hub_source_model_id)
-    return ensemble
-
-
 def _split_stats(split) -> dict:
-    columns = split.select_columns(list(STATS_FEATURES) + ["checkpoints_predicting_target"]).with_format("numpy")[:]
-    return {
-        "num_examples": split.num_rows,
-        "max_linf": int(columns["linf"].max()),
-        "mean_psnr": float(columns["psnr"].mean()),
-        "mean_l2": float(columns["l2"].mean()),
-        "mean_checkpoints_predicting_target": float(columns["checkpoints_predicting_target"].mean()),
-    }
+    extra = [c for c in ("checkpoints_predicting_target",) if c in split.column_names]
+    columns = split.select_columns(list(STATS_FEATURES) + extra).with_format("numpy")[:]
+    stats = {"num_examples": split.num_rows, "max_linf": int(columns["linf"].max()),
+             "mean_psnr": float(columns["psnr"].mean()), "mean_l2": float(columns["l2"].mean())}
+    if extra:
+        stats["mean_checkpoints_predicting_target"] = float(columns["checkpoints_predicting_target"].mean())
+    return stats
 
 
 def run_protection(
@@ -115,6 +148,7 @@ def run_protection(
     source_config: SourceTrainingConfig,
     run_args: RunArguments,
     accelerator,
+    method_args: object | None = None,
 ) -> dict | None:
     """Protect a dataset and publish it; returns results.json's content on the main process."""
     train_here_with_all_checkpoints = args.checkpoints is None and args.num_models is None
@@ -122,8 +156,8 @@ def run_protection(
     if train_here_with_all_checkpoints:  # the run's own K checkpoints, whatever --num_checkpoints says
         args.num_models = None
     output_dir = Path(run_args.output_dir)
-    method_config = args.method_config()
     wall: dict[str, float] = {}
+    _, transform_cls = get_protection(args.method)
 
     # Validate everything before spending compute or touching the Hub
     with accelerator.main_process_first():
@@ -131,36 +165,25 @@ def run_protection(
     if args.push_to_hub and accelerator.is_main_process:
         hub.ensure_repo(args.hub_dataset_id, "dataset", private=args.hub_private_dataset)
     splits = _published_splits(dataset, args, data_args)
-    ensemble = _load_ensemble(args, data_args, source_config, run_args, accelerator, output_dir, wall)
-    if ensemble.num_classes != dataset.columns.num_classes:
-        raise ValueError(
-            f"The checkpoints ({ensemble.source}) have {ensemble.num_classes} classes but dataset "
-            f"'{data_args.dataset}' has {dataset.columns.num_classes}: train the source on this dataset."
-        )
-    if list(ensemble.class_names) != list(dataset.columns.class_names):
-        logger.warning("Checkpoint class names %s differ from the dataset's %s", ensemble.class_names[:3],
-                       dataset.columns.class_names[:3])
+    protect_names = args.protect_splits or (list(splits) if transform_cls.protects_all_splits else [data_args.train_split])
+    unknown = sorted(set(protect_names) - set(splits))
+    if unknown:
+        raise ValueError(f"--protect_splits {unknown} are not published splits ({', '.join(splits)}).")
 
-    # Class-mean features for the FA variants, over the clean training images
-    class_means = None
-    if getattr(method_config, "uses_features", False):
-        start = time.perf_counter()
-        train = dataset.split(data_args.train_split)
-        with accelerator.main_process_first():
-            images, labels = split_to_tensors(train, dataset.columns, data_args.max_train_samples, data_args.resize)
-            class_means = ensemble.class_means(images, labels, cache_dir=output_dir / "cache" / "class_means")
-        wall["class_means"] = time.perf_counter() - start
+    # The method prepares itself (checkpoints and class means, a key, fitted noise, ...)
+    context = ProtectionContext(args, method_args, dataset, data_args, source_config, run_args, accelerator,
+                                output_dir, wall)
+    start = time.perf_counter()
+    transform = transform_cls.from_arguments(context)
+    wall["preparation"] = time.perf_counter() - start - wall.get("source_training", 0.0)
 
     # Crafting: each process takes every N-th shard; finished shards survive a kill
-    _, transform_cls = get_protection(args.method)
-    transform = transform_cls(ensemble, method_config, class_means=class_means, image_column=dataset.columns.image,
-                              label_column=dataset.columns.label, return_stats=True)
     start = time.perf_counter()
     shard_paths = {
-        name: protect_split(split, transform, output_dir / "shards" / name, args.shard_size, args.craft_batch_size,
-                            accelerator.process_index, accelerator.num_processes,
+        name: protect_split(splits[name], transform, output_dir / "shards" / name, args.shard_size,
+                            args.craft_batch_size, accelerator.process_index, accelerator.num_processes,
                             desc=f"{args.method} {name} (process {accelerator.process_index})")
-        for name, split in splits.items()
+        for name in protect_names
     }
     accelerator.wait_for_everyone()
     wall["crafting"] = time.perf_counter() - start
@@ -171,21 +194,24 @@ def run_protection(
     import datasets
 
     start = time.perf_counter()
-    protected = datasets.DatasetDict({name: load_shards(paths) for name, paths in shard_paths.items()})
-    split_stats = {name: _split_stats(split) for name, split in protected.items()}
-    stats_columns = [c for c in next(iter(protected.values())).column_names if c not in splits[next(iter(splits))].column_names]
-    protected = protected.remove_columns(stats_columns)
-    first = next(iter(splits))
+    crafted = {name: load_shards(paths) for name, paths in shard_paths.items()}
+    split_stats = {name: _split_stats(split) for name, split in crafted.items()}
+    source_columns = next(iter(splits.values())).column_names
+    protected = datasets.DatasetDict({
+        name: crafted[name].remove_columns([c for c in crafted[name].column_names if c not in source_columns])
+        if name in crafted else split for name, split in splits.items()
+    })
+    first = protect_names[0]
     clean = uint8_to_float(split_to_tensors(splits[first], dataset.columns, GRID_IMAGES)[0])
     shown = uint8_to_float(split_to_tensors(protected[first], dataset.columns, GRID_IMAGES)[0])
     results = {
-        "method": args.method, "eps": args.eps, "steps": method_config.steps, "step_size": args.step_size,
-        "splits": split_stats, "counts": {name: split.num_rows for name, split in protected.items()},
+        "method": args.method, "eps": args.eps, "steps": args.steps, "step_size": args.step_size,
+        "protected_splits": protect_names, "splits": split_stats,
+        "counts": {name: split.num_rows for name, split in protected.items()},
         "max_linf": max(s["max_linf"] for s in split_stats.values()),
         "mean_psnr": sum(s["mean_psnr"] * s["num_examples"] for s in split_stats.values())
         / sum(s["num_examples"] for s in split_stats.values()),
-        "checkpoints": {"source": ensemble.source, "revision": ensemble.revision, "epochs": ensemble.epochs},
-        "config": {**asdict(method_config), "num_models": ensemble.num_models},
+        **transform.describe(),
         "dataset": dataset.dataset_id, "dataset_revision": dataset.revision, "preset": run_args.preset,
         "num_processes": accelerator.num_processes, "hub_dataset_id": args.hub_dataset_id if args.push_to_hub else None,
         "victims": [],

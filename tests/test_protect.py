@@ -49,7 +49,7 @@ def test_results_and_schema(one_process):
     results = json.loads((one_process / "results.json").read_text())
     assert results["counts"] == {"train": 120, "test": 40}
     assert results["method"] == "sep-fa-vr" and results["eps"] == 8 and 0 < results["max_linf"] <= 8
-    assert results["mean_psnr"] > 30 and {"crafting", "class_means", "publishing"} <= set(results["wall_seconds"])
+    assert results["mean_psnr"] > 30 and {"crafting", "preparation", "publishing"} <= set(results["wall_seconds"])
     protected = datasets.load_dataset(str(one_process / "dataset"))
     clean = datasets.load_dataset("uoft-cs/cifar10")
     assert protected["train"].features == clean["train"].features

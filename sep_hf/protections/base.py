@@ -63,6 +63,7 @@ class ProtectionTransform:
 
     name = "protection"
     extra_stat_features: dict[str, str] = {}
+    protects_all_splits = True  # False: only the training split unless --protect_splits says otherwise
 
     def __init__(self, image_column: str | None = None, label_column: str | None = None, return_stats: bool = False):
         self.image_column = image_column
@@ -70,16 +71,23 @@ class ProtectionTransform:
         self.return_stats = return_stats
 
     # -- to implement --------------------------------------------------------------------------
+    @classmethod
+    def from_arguments(cls, context) -> "ProtectionTransform":
+        """Build the transform for a protect.py run from a ``sep_hf.protect.ProtectionContext``."""
+        raise NotImplementedError
+
     def protect(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
+        """Identity of everything that determines the output (config, weights or key): caches key on it."""
         raise NotImplementedError
 
-    def extra_stats(self, protected: torch.Tensor, labels: torch.Tensor) -> dict[str, list]:
-        return {}
+    def describe(self) -> dict:
+        """Settings for results.json and the dataset card: {"config": {...}} plus method extras. No secrets."""
+        return {"config": {}}
 
-    def config_dict(self) -> dict:
+    def extra_stats(self, protected: torch.Tensor, labels: torch.Tensor) -> dict[str, list]:
         return {}
 
     # -- the map function ------------------------------------------------------------------------

@@ -200,9 +200,25 @@ class SEPTransform(ProtectionTransform):
             "checkpoints_predicting_target": (predictions == target).sum(0).tolist(),
         }
 
-    def config_dict(self) -> dict:
-        return {"method": self.config.method, **asdict(self.config), "checkpoints": self.ensemble.epochs,
-                "checkpoint_source": self.ensemble.source, "checkpoint_revision": self.ensemble.revision}
+    @classmethod
+    def from_arguments(cls, context) -> "SEPTransform":
+        args = context.args
+        config = SEPConfig(method=args.method, eps=args.eps / 255, steps=args.steps, step_size=args.step_size / 255,
+                           vr_steps=args.vr_steps, seed=args.protection_seed)
+        ensemble = context.ensemble()
+        class_means = None
+        if config.uses_features:
+            images, labels = context.train_tensors
+            with context.accelerator.main_process_first():  # the main process computes, the others read its cache
+                class_means = ensemble.class_means(images, labels, cache_dir=context.output_dir / "cache" / "class_means")
+        columns = context.dataset.columns
+        return cls(ensemble, config, class_means, image_column=columns.image, label_column=columns.label,
+                   return_stats=True)
+
+    def describe(self) -> dict:
+        return {"config": {**asdict(self.config), "num_models": self.ensemble.num_models},
+                "checkpoints": {"source": self.ensemble.source, "revision": self.ensemble.revision,
+                                "epochs": self.ensemble.epochs}}
 
     def fingerprint(self) -> str:
         means = None if self.class_means is None else tensor_hash(self.class_means)
