@@ -4,11 +4,21 @@
         --model resnet18_cifar --push_to_hub --hub_model_id org/cifar10-sep-victim-resnet18 --update_dataset_card
 
     accelerate launch recipes/train_victim.py --dataset runs/protect-sep-fa-vr/dataset --eval_dataset cifar10 --preset cpu
+    accelerate launch recipes/train_victim.py --dataset runs/protect-sep-fa-vr/dataset --eval_dataset cifar10 \
+        --preset cpu --defense at --at_eps 8
 
 The victim is a TimmWrapperForImageClassification (any timm name, or the registered *_cifar ones;
 --pretrained fine-tunes timm's Hub weights), trained from scratch with the source recipe of
 --preset and evaluated every epoch on the CLEAN --eval_split of --eval_dataset with the shipped
-`evaluate` accuracy module. Writes OUTPUT_DIR/results.json (eval_accuracy, per-epoch history) and
+`evaluate` accuracy module.
+
+--defense picks the appropriator's training (sep_hf/defenses.py): none (standard), at (PGD
+adversarial training, --at_eps 4 --at_steps 10, step eps/4), rse (Random Self-Ensemble noise
+before every convolution, --rse_init_std 0.2 --rse_inner_std 0.1, --rse_draws 10 at evaluation),
+jpeg (JPEG-recompressed training images, --jpeg_quality 10) or grayscale (grayscale training
+images). Transforms apply to training images only; evaluation is always on the clean split.
+
+Writes OUTPUT_DIR/results.json (eval_accuracy, per-epoch history, defense and defense_settings) and
 OUTPUT_DIR/model (weights, image processor, card whose model-index holds the accuracy).
 """
 
@@ -17,6 +27,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from sep_hf.cards import defense_label
 from sep_hf.data import DataArguments
 from sep_hf.launch import prepare_launch
 from sep_hf.runs import HubArguments, RunArguments, VictimArguments, run_victim
@@ -43,7 +54,8 @@ def main():
     results = run_victim(config, data_args, run_args, hub_args, victim_args)
     if results is not None:
         print(f"{results['model']} trained on {results['dataset']} ({results['num_train']} images, defense "
-              f"{results['defense']}): clean test accuracy {results['eval_accuracy']:.4f}")
+              f"{defense_label(results['defense'], results['defense_settings'])}): clean test accuracy "
+              f"{results['eval_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

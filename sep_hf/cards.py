@@ -7,7 +7,7 @@ import json
 
 import torch
 
-__all__ = ["accuracy_curve_png", "victim_model_card", "training_curve_png", "source_model_card", "sample_grid_png", "protected_dataset_card", "VICTIM_TABLE_START", "VICTIM_TABLE_END", "add_victim_to_dataset_card"]
+__all__ = ["accuracy_curve_png", "victim_model_card", "training_curve_png", "source_model_card", "sample_grid_png", "protected_dataset_card", "VICTIM_TABLE_START", "VICTIM_TABLE_END", "add_victim_to_dataset_card", "defense_label"]
 
 
 def _figure_png(fig) -> bytes:
@@ -154,13 +154,20 @@ def sample_grid_png(clean: torch.Tensor, protected: torch.Tensor, eps: float, sc
     return buffer.getvalue()
 
 
+def defense_label(defense: str | None, settings: dict | None = None) -> str:
+    """``at (eps 4, steps 10, ...)``: the defense and its scalar settings (the card's one-line form)."""
+    scalars = [f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+               for key, value in (settings or {}).items() if isinstance(value, (bool, int, float))]
+    return f"{defense or 'none'} ({', '.join(scalars)})" if scalars else (defense or "none")
+
+
 def _victim_table(rows: list[dict]) -> str:
     if not rows:
         body = "No victim has been trained on this dataset yet: run `recipes/train_victim.py --update_dataset_card`."
     else:
         lines = ["| victim model | defense | training images | clean test accuracy | model repo |", "|---|---|---:|---:|---|"]
         for row in rows:
-            lines.append(f"| `{row['model']}` | {row.get('defense', 'none')} | {row['num_train']} | "
+            lines.append(f"| `{row['model']}` | {defense_label(row.get('defense'), row.get('defense_settings'))} | {row['num_train']} | "
                          f"{row['eval_accuracy']:.4f} | {row.get('hub_model_id') or '(local)'} |")
         body = "\n".join(lines)
     return f"{VICTIM_TABLE_START}\n{body}\n{VICTIM_TABLE_END}"
@@ -176,7 +183,7 @@ def add_victim_to_dataset_card(card, row: dict):
     """
     if VICTIM_TABLE_START not in card.text:
         raise ValueError("This dataset card has no sep-hf victim table; was the dataset published by sep-hf?")
-    key = ("hub_model_id", "model", "defense", "num_train") if not row.get("hub_model_id") else ("hub_model_id",)
+    key = ("hub_model_id", "model", "defense", "defense_settings", "num_train") if not row.get("hub_model_id") else ("hub_model_id",)
     rows = [r for r in (card.data.get(VICTIMS_KEY) or []) if any(r.get(k) != row.get(k) for k in key)] + [row]
     card.data[VICTIMS_KEY] = rows
     start = card.text.index(VICTIM_TABLE_START)
@@ -274,6 +281,11 @@ def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
                       if reference is not None else "- clean-trained reference: not measured for this run")
     rows = "\n".join(f"| {row['epoch']} | {row['eval_accuracy']:.4f} |" for row in results["history"])
     revision = f" at revision `{results['dataset_revision']}`" if results.get("dataset_revision") else ""
+    settings = results.get("defense_settings") or {}
+    defense_section = ""
+    if settings:
+        defense_section = (f"\n## Defense: `{results['defense']}`\n\n```json\n{json.dumps(settings, indent=2, sort_keys=True)}\n```\n"
+                           + (f"\n{settings['note']}.\n" if settings.get("note") else ""))
     text = f"""---
 {data.to_yaml()}
 ---
@@ -282,7 +294,7 @@ def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
 
 A victim model for measuring data protection with `sep-hf`: `{results['model']}` trained with
 transformers `Trainer` (`TimmWrapperForImageClassification`) on **`{train_id}`**{revision}
-({results['num_train']} training images, defense: `{results['defense']}`), evaluated on the **clean**
+({results['num_train']} training images, defense: `{defense_label(results['defense'], settings)}`), evaluated on the **clean**
 `{results['eval_split']}` split of `{eval_id}`.
 
 - clean test accuracy: **{results['eval_accuracy']:.4f}** ({results['num_eval']} images)
@@ -294,6 +306,7 @@ transformers `Trainer` (`TimmWrapperForImageClassification`) on **`{train_id}`**
 {rows}
 
 ![clean test accuracy per epoch]({curve_file})
+{defense_section}
 
 ```python
 import sep_hf.models  # registers the *_cifar architectures with timm

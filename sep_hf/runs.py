@@ -182,8 +182,8 @@ class VictimArguments:
 
 
 def _dataset_card_row(results: dict) -> dict:
-    return {key: results.get(key) for key in ("model", "defense", "num_train", "eval_accuracy", "hub_model_id",
-                                              "eval_dataset", "clean_reference_accuracy")}
+    return {key: results.get(key) for key in ("model", "defense", "defense_settings", "num_train", "eval_accuracy",
+                                              "hub_model_id", "eval_dataset", "clean_reference_accuracy")}
 
 
 def _update_dataset_card(dataset: str, row: dict) -> None:

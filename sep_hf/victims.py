@@ -3,23 +3,29 @@
 The model is a stock ``TimmWrapperForImageClassification`` (so the pushed repo loads with
 ``AutoModelForImageClassification`` + ``AutoImageProcessor``); normalization is the image
 processor's job, done here by the collator on whole batches. Spatial augmentation commutes with
-per-channel normalization, so it runs on normalized batches inside ``compute_loss``; defenses
-that need pixels (JPEG, grayscale, PGD) get them back through ``VictimTrainer.to_pixels``.
+per-channel normalization, so it runs on normalized batches inside ``compute_loss``. Defenses
+(``--defense``, sep_hf/defenses.py) hook in at four points: the uint8 training images before
+training (JPEG, grayscale), each augmented training batch (PGD, in pixels through
+``VictimTrainer.to_pixels`` / ``to_normalized``), the model (RSE noise) and evaluation logits
+(RSE's ensemble). The evaluation split is never transformed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
+from transformers.modeling_outputs import ImageClassifierOutput
 
 from sep_hf.data import TrainingData
+from sep_hf.defenses import Defense, build_defense, get_defense, list_defenses
 from sep_hf.training import TrainingRecipe, augment_crop_flip, channel_stats
 
 __all__ = [
@@ -39,15 +45,41 @@ ACCURACY_METRIC = str(Path(__file__).parent / "metrics" / "accuracy.py")
 
 @dataclass
 class VictimTrainingConfig(TrainingRecipe):
-    """The appropriator's training: the source recipe by default, plus a defense."""
+    """The appropriator's training: the source recipe by default, plus a defense (sep_hf/defenses.py).
+
+    Defense flags are prefixed with the defense's name; budgets are in 1/255 units.
+    """
 
     pretrained: bool = field(default=False, metadata={"help": "Fine-tune timm's pretrained weights (a Hub model such as resnet18.a1_in1k)."})
-    defense: str = field(default="none", metadata={"help": "Training-time defense of the victim (none)."})
+    defense: str = field(default="none", metadata={"help": f"Training-time defense of the victim: {' | '.join(list_defenses())}."})
+    at_eps: float = field(default=4.0, metadata={"help": "--defense at: L-inf budget of PGD adversarial training in 1/255 (Madry et al.; 4 or 8)."})
+    at_steps: int = field(default=10, metadata={"help": "--defense at: PGD steps per training batch."})
+    at_step_size: float | None = field(default=None, metadata={"help": "--defense at: PGD step in 1/255 (default: at_eps / 4)."})
+    at_random_start: bool = field(default=True, metadata={"help": "--defense at: start PGD from a uniform point of the eps-ball."})
+    rse_init_std: float = field(default=0.2, metadata={"help": "--defense rse: noise std before the first convolution, in pixel units (Liu et al. 2018)."})
+    rse_inner_std: float = field(default=0.1, metadata={"help": "--defense rse: noise std before every other convolution."})
+    rse_draws: int = field(default=10, metadata={"help": "--defense rse: noise draws whose softmaxes are summed at evaluation."})
+    jpeg_quality: int = field(default=10, metadata={"help": "--defense jpeg: JPEG quality of the recompressed training images (ISS: 10)."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.defense != "none":
-            raise ValueError(f"Unknown defense '{self.defense}'; available: none.")
+        get_defense(self.defense)  # raises, listing the registered defenses
+        if self.at_eps <= 0 or self.at_steps < 1:
+            raise ValueError(f"--at_eps must be > 0 and --at_steps >= 1, got {self.at_eps} and {self.at_steps}.")
+        if self.at_step_size is not None and self.at_step_size <= 0:
+            raise ValueError(f"--at_step_size must be > 0 (in 1/255), got {self.at_step_size}; omit it for eps/4.")
+        if self.rse_init_std < 0 or self.rse_inner_std < 0 or self.rse_draws < 1:
+            raise ValueError("--rse_init_std and --rse_inner_std must be >= 0 and --rse_draws >= 1, got "
+                             f"{self.rse_init_std}, {self.rse_inner_std}, {self.rse_draws}.")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"--jpeg_quality must be in 1..95 (PIL's useful range), got {self.jpeg_quality}.")
+        # A flag of another defense would silently do nothing and mislabel the run.
+        owners = {flag: name for name in list_defenses() for flag in get_defense(name).flags}
+        mine = set(get_defense(self.defense).flags)
+        for item in fields(self):
+            owner = owners.get(item.name)
+            if owner and item.name not in mine and item.default is not MISSING and getattr(self, item.name) != item.default:
+                raise ValueError(f"--{item.name} only applies to --defense {owner}; drop it or pass --defense {owner}.")
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -77,11 +109,12 @@ class VictimCollator:
 
 
 class VictimTrainer(Trainer):
-    """``Trainer`` with batched augmentation and label smoothing in ``compute_loss``."""
+    """``Trainer`` with batched augmentation, label smoothing and the defense's hooks in ``compute_loss``."""
 
-    def __init__(self, *args, recipe: TrainingRecipe, mean, std, **kwargs):
+    def __init__(self, *args, recipe: TrainingRecipe, mean, std, defense: Defense | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+        self.defense = defense or Defense()
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self._generator = torch.Generator().manual_seed(recipe.seed)
@@ -101,14 +134,18 @@ class VictimTrainer(Trainer):
         return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
 
     def training_inputs(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Augmented (and, for defenses, transformed) normalized inputs of one training batch."""
-        return augment_crop_flip(pixel_values, self.recipe.crop_padding, self.recipe.flip, self._generator)
+        """Augmented, then defense-transformed (e.g. PGD), normalized inputs of one training batch."""
+        augmented = augment_crop_flip(pixel_values, self.recipe.crop_padding, self.recipe.flip, self._generator)
+        return self.defense.training_inputs(self, augmented, labels)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         if model.training:
             pixel_values = self.training_inputs(pixel_values, labels)
-        outputs = model(pixel_values=pixel_values.contiguous(memory_format=torch.channels_last))
+            outputs = model(pixel_values=pixel_values.contiguous(memory_format=torch.channels_last))
+        else:  # the defense's prediction (RSE: its ensemble); evaluation images are never transformed
+            outputs = ImageClassifierOutput(logits=self.defense.eval_logits(
+                model, pixel_values.contiguous(memory_format=torch.channels_last)))
         loss = F.cross_entropy(outputs.logits.float(), labels,
                                label_smoothing=self.recipe.label_smoothing if model.training else 0.0)
         return (loss, outputs) if return_outputs else loss
@@ -165,15 +202,21 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
 
     output_dir = Path(output_dir)
     torch.manual_seed(config.seed)
+    defense = build_defense(config)
+    start = time.perf_counter()
+    train_images = defense.prepare_training_images(data.train_images)  # once, training split only
+    prepare_seconds = time.perf_counter() - start
     img_size = tuple(data.train_images.shape[2:])
     model = build_victim_model(config, data.class_names, img_size)
     if config.pretrained:
         data_config = model.timm_model.pretrained_cfg
         mean, std = list(data_config["mean"]), list(data_config["std"])
     else:
+        # Statistics of the data as published, not as the defense transformed it: the image
+        # processor normalizes real (colour, uncompressed) images with them at inference.
         mean, std = channel_stats(data.train_images)
     model.config.pretrained_cfg = _processor_config(mean, std, img_size)
-    model = model.to(memory_format=torch.channels_last)
+    model = defense.wrap_model(model.to(memory_format=torch.channels_last))
 
     steps_per_epoch = len(data.train_labels) // config.batch_size
     if steps_per_epoch == 0:
@@ -193,10 +236,10 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
 
     history = _EpochAccuracy()
     trainer = VictimTrainer(
-        model=model, args=args, train_dataset=TensorImageDataset(data.train_images, data.train_labels),
+        model=model, args=args, train_dataset=TensorImageDataset(train_images, data.train_labels),
         eval_dataset=TensorImageDataset(data.eval_images, data.eval_labels), data_collator=VictimCollator(mean, std),
         compute_metrics=compute_metrics, optimizers=(optimizer, scheduler), callbacks=[history],
-        recipe=config, mean=mean, std=std,
+        recipe=config, mean=mean, std=std, defense=defense,
     )
     train_output = trainer.train()
     final = history.history[-1]  # the evaluation after the last epoch is the final model's
@@ -211,4 +254,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
         "num_eval": len(data.eval_labels),
         "training_config": asdict(config),
         "normalization": {"mean": mean, "std": std},
+        "defense": config.defense,
+        "defense_settings": defense.describe(),
+        "defense_prepare_seconds": prepare_seconds,
     }
