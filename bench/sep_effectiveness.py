@@ -16,12 +16,14 @@ from pathlib import Path
 from common import RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results
 
 
-def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: float = 1.0) -> tuple[Path, dict]:
-    suffix = "" if step_size == 1.0 else f"-alpha{step_size:g}"
+def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: float | None = None) -> tuple[Path, dict]:
+    """Protect the training split at CPU scale (step size: the cpu preset's unless given)."""
+    suffix = "" if step_size is None else f"-alpha{step_size:g}"
     output_dir = RUNS_DIR / f"protect-{method}-eps{eps:g}{suffix}"
     if not (output_dir / "results.json").exists():
+        alpha = [] if step_size is None else ["--step_size", step_size]
         launch("protect.py", ["--dataset", dataset, "--preset", "cpu", "--checkpoints", checkpoints, "--method", method,
-                              "--eps", eps, "--step_size", step_size, "--splits", "train", "--output_dir", output_dir],
+                              "--eps", eps, *alpha, "--splits", "train", "--output_dir", output_dir],
                log=RUNS_DIR / f"{output_dir.name}.log")
     return output_dir / "dataset", read_json(output_dir / "results.json")
 
@@ -38,7 +40,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["sep", "sep-fa", "sep-fa-vr"])
     parser.add_argument("--eps", type=float, default=8.0)
-    parser.add_argument("--step_size", type=float, default=1.0, help="alpha in 1/255 units")
+    parser.add_argument("--step_size", type=float, default=None, help="alpha in 1/255 units (default: the cpu preset's)")
     parser.add_argument("--dataset", default=str(SHARED_CIFAR10))
     parser.add_argument("--checkpoints", default=str(RUNS_DIR / "source-cpu"))
     args = parser.parse_args()
@@ -48,7 +50,7 @@ def main():
     runs = {"clean": {"eval_accuracy": clean["eval_accuracy"], "victim_train_seconds": clean["train_seconds"]}}
     for method in args.methods:
         dataset, protection = protect(method, args.eps, args.checkpoints, args.dataset, args.step_size)
-        suffix = "" if args.step_size == 1.0 else f"-alpha{args.step_size:g}"
+        suffix = "" if args.step_size is None else f"-alpha{args.step_size:g}"
         result = victim(f"{method}-eps{args.eps:g}{suffix}", dataset, args.dataset)
         craft = protection["wall_seconds"]["crafting"] + protection["wall_seconds"].get("preparation", protection["wall_seconds"].get("class_means", 0.0))
         count = protection["counts"]["train"]
@@ -61,12 +63,12 @@ def main():
     table = markdown_table(["training data", "max L-inf (1/255)", "PSNR dB", "crafting s", "victim clean test acc",
                             "victim train s"], rows)
     protected = [runs[m]["eval_accuracy"] for m in args.methods]
-    suffix = "" if args.step_size == 1.0 else f"_alpha{args.step_size:g}"
+    suffix = "" if args.step_size is None else f"_alpha{args.step_size:g}"
     write_results(f"sep_effectiveness_cpu_eps{args.eps:g}{suffix}", {
         "setup": {"train_images": 10_000, "test_images": 2_000, "source": "smallnet_cifar, preset cpu, K=6",
-                  "steps": 10, "step_size": f"{args.step_size:g}/255", "eps": f"{args.eps:g}/255", "victim": "smallnet_cifar, preset cpu, Trainer"},
+                  "steps": 10, "step_size": f"{args.step_size or 2:g}/255", "eps": f"{args.eps:g}/255", "victim": "smallnet_cifar, preset cpu, Trainer"},
         "commands": ["python bench/source_cpu.py", "python bench/sep_effectiveness.py " + " ".join(
-            ["--methods", *args.methods, "--eps", f"{args.eps:g}", "--step_size", f"{args.step_size:g}"])],
+            ["--methods", *args.methods, "--eps", f"{args.eps:g}"] + ([] if args.step_size is None else ["--step_size", f"{args.step_size:g}"]))],
         "runs": runs,
         "targets": {"protected_max": 0.20, "clean_min": 0.78},
         "met": {"protected": all(a <= 0.20 for a in protected), "clean": clean["eval_accuracy"] >= 0.78},

@@ -59,3 +59,17 @@ def test_victim_rows_are_added_and_replaced():
     assert [r["eval_accuracy"] for r in reloaded.data.get("sep_hf_victims")] == [0.25, 0.75]
     assert "| 0.2500 | org/v1 |" in reloaded.text and "| 0.7500 | org/v2 |" in reloaded.text
     assert "0.5000" not in reloaded.text and "No victim" not in reloaded.text
+
+
+def test_pretrained_fine_tuning_starts_from_hub_weights(loopback_hub, unique_repo_id, tmp_path):
+    from huggingface_hub import HfApi
+
+    source = build_victim_model(VictimTrainingConfig(model="smallnet_cifar"), [f"c{i}" for i in range(10)], (32, 32))
+    source.save_pretrained(tmp_path)
+    repo_id = unique_repo_id("pretrained-smallnet")
+    HfApi().create_repo(repo_id)
+    HfApi().upload_folder(repo_id=repo_id, folder_path=str(tmp_path))
+
+    model = build_victim_model(VictimTrainingConfig(model=repo_id, pretrained=True), ["a", "b", "c"], (32, 32))
+    assert model.config.num_labels == 3 and model.timm_model.get_classifier().out_features == 3
+    torch.testing.assert_close(model.timm_model.stem[0].weight, source.timm_model.stem[0].weight)
