@@ -218,18 +218,29 @@ def protected_dataset_card(results: dict, source_dataset: str, source_revision: 
         ensemble_line = "- no checkpoints: see the crafting configuration below"
     steps = f", {results['steps']} steps of {results['step_size']:g}/255" if results.get("steps") else ""
     protected = ", ".join(f"`{name}`" for name in results.get("protected_splits", results["splits"]))
+    paper = results.get("paper") or {"title": "Self-Ensemble Protection", "authors": "Chen et al., ICLR 2023",
+                                     "url": "https://openreview.net/forum?id=9MO7bjoAfIA"}
+    stored = "- pixels stored as lossless PNG, rounded to uint8; "
+    if eps is None:  # a method without an L-inf budget (e.g. CUDA) says so instead of stating one
+        change = "a perturbation"
+        budget_line = f"- method: `{results['method']}`, no L-inf budget: {results.get('budget', '--eps does not apply')}"
+        pixel_line = stored + "the perturbation is not norm-bounded (see max L-inf below)"
+    else:
+        change = "a small, invisible perturbation"
+        budget_line = f"- method: `{results['method']}`, L-inf budget eps = {eps:g}/255{steps}"
+        pixel_line = stored + "every pixel satisfies |x' - x| <= eps"
     body = f"""
 # {data.pretty_name}
 
-Images of `{source_dataset}`{revision} with a small, invisible perturbation crafted by
-**{results['method'].upper()}** ([Self-Ensemble Protection](https://openreview.net/forum?id=9MO7bjoAfIA),
-Chen et al., ICLR 2023) with `sep-hf`: a model trained on these images learns much less than one trained on
+Images of `{source_dataset}`{revision} with {change} crafted by
+**{results['method'].upper()}** ([{paper['title']}]({paper['url']}),
+{paper['authors']}) with `sep-hf`: a model trained on these images learns much less than one trained on
 the clean originals. Same columns and labels as the source, so it is a drop-in replacement for it.
 
-- method: `{results['method']}`, L-inf budget eps = {eps:g}/255{steps}
+{budget_line}
 {ensemble_line}
 - protected splits: {protected} (other splits are published unchanged)
-- pixels stored as lossless PNG, rounded to uint8; every pixel satisfies |x' - x| <= eps
+{pixel_line}
 
 ## Perturbation statistics
 

@@ -211,7 +211,7 @@ def run_protection(
         "max_linf": max(s["max_linf"] for s in split_stats.values()),
         "mean_psnr": sum(s["mean_psnr"] * s["num_examples"] for s in split_stats.values())
         / sum(s["num_examples"] for s in split_stats.values()),
-        **transform.describe(),
+        **transform.describe(),  # may override eps/steps/step_size where they do not apply (None)
         "dataset": dataset.dataset_id, "dataset_revision": dataset.revision, "preset": run_args.preset,
         "num_processes": accelerator.num_processes, "hub_dataset_id": args.hub_dataset_id if args.push_to_hub else None,
         "victims": [],
@@ -219,10 +219,13 @@ def run_protection(
     folder = output_dir / DATASET_DIR
     card_data, body = protected_dataset_card(results, dataset.dataset_id, dataset.revision, GRID_FILE)
     write_hub_layout(protected, folder, card_data, body)
-    (folder / GRID_FILE).write_bytes(sample_grid_png(clean, shown, args.eps / 255))
+    # A method without an L-inf budget (describe() sets eps None, e.g. CUDA) scales the grid to its largest change
+    budget = results["eps"] if results["eps"] is not None else max(results["max_linf"], 1)
+    (folder / GRID_FILE).write_bytes(sample_grid_png(clean, shown, budget / 255))
     if args.push_to_hub:
+        budget_text = f"eps {results['eps']:g}/255" if results["eps"] is not None else "no L-inf budget"
         results["hub_revision"] = hub.upload_folder(args.hub_dataset_id, folder, "dataset",
-                                                    f"Publish {args.method} protection (eps {args.eps:g}/255)",
+                                                    f"Publish {args.method} protection ({budget_text})",
                                                     delete_patterns=["data/*"])
     wall["publishing"] = time.perf_counter() - start
     results["wall_seconds"] = wall

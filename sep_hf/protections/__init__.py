@@ -17,7 +17,7 @@ __all__ = ["register_protection", "get_protection", "list_protections", "protect
 _REGISTRY: dict[str, tuple[type, type]] = {}
 _ARGUMENTS: dict[str, type] = {}
 # Modules that register methods when imported (lazily, to keep `import sep_hf` light).
-_MODULES = ("sep_hf.protections.sep",)
+_MODULES = ("sep_hf.protections.sep", "sep_hf.protections.cuda", "sep_hf.protections.em")
 
 
 def register_protection(name: str, config_cls: type, transform_cls: type, arguments_cls: type | None = None) -> None:
