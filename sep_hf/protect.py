@@ -45,7 +45,7 @@ class ProtectArguments:
     method: str = field(default="sep-fa-vr", metadata={"help": "Protection method (sep, sep-fa, sep-fa-vr, ...)."})
     eps: float = field(default=8.0, metadata={"help": "L-inf budget in 1/255 units (2, 4, 8, ...)."})
     steps: int | None = field(default=None, metadata={"help": "Crafting steps T (preset: paper 30, cpu 10)."})
-    step_size: float = field(default=1.0, metadata={"help": "Step size alpha in 1/255 units."})
+    step_size: float | None = field(default=None, metadata={"help": "Step size alpha in 1/255 units (preset: paper 1, cpu 2)."})
     vr_steps: int | None = field(default=None, metadata={"help": "SEP-FA-VR inner steps M (default: the ensemble size)."})
     num_models: int | None = field(default=None, metadata={"help": "Checkpoints K in the ensemble (preset: paper 15, cpu 6)."})
     checkpoints: str | None = field(default=None, metadata={"help": "Source run folder or Hub model repo; none: train one first."})
