@@ -52,7 +52,8 @@ def main():
                              method_args=arguments_for(args.method, method_args))
     if results is not None:
         where = results["hub_dataset_id"] or f"{run_args.output_dir}/dataset"
-        print(f"{args.method} eps {args.eps:g}/255: {results['counts']} images, max L-inf {results['max_linf']}/255, "
+        budget = f"eps {results['eps']:g}/255" if results["eps"] is not None else "no L-inf budget"
+        print(f"{args.method} ({budget}): {results['counts']} images, max L-inf {results['max_linf']}/255, "
               f"mean PSNR {results['mean_psnr']:.1f} dB -> {where}")
 
 
