@@ -67,7 +67,7 @@ def mismatch(result: dict, defense: str, expected: dict) -> str | None:
     return None
 
 
-def victim(row: str, dataset: str, eval_dataset: str, defense: str, args) -> dict:
+def victim(row: str, dataset: str, eval_dataset: str, defense: str, args) -> dict | None:
     output_dir = victim_dir(row, defense, args.eps, args.model)
     expected = {"num_train": args.max_train_samples or PRESETS["cpu"]["max_train_samples"],
                 "num_eval": args.max_eval_samples or PRESETS["cpu"]["max_eval_samples"],
@@ -82,6 +82,8 @@ def victim(row: str, dataset: str, eval_dataset: str, defense: str, args) -> dic
             raise SystemExit(f"{output_dir} holds a victim of another setup ({reason}): delete it, or pass --runs_dir.")
         cell = read_json(output_dir / CELL_FILE) if (output_dir / CELL_FILE).exists() else {}
         return {**summary(result, output_dir), "wall_seconds": cell.get("wall_seconds"), "reused": True}
+    if args.report_only:
+        return None
 
     recipe_args = ["--dataset", dataset, "--eval_dataset", eval_dataset, "--model", args.model, "--preset", "cpu",
                    "--defense", defense, "--output_dir", output_dir]
@@ -101,6 +103,8 @@ def summary(result: dict, output_dir: Path) -> dict:
 
 
 def crafted(method: str, args) -> tuple[str, dict]:
+    if args.report_only and not (RUNS_DIR / f"protect-{method}-eps{args.eps:g}" / "results.json").exists():
+        return "", {"error": "not crafted yet"}
     dataset, protection = sep_effectiveness.protect(method, args.eps, args.checkpoints, args.dataset)
     wall = protection.get("wall_seconds", {})
     return str(dataset), {"dataset": str(dataset), "max_linf": protection.get("max_linf"),
@@ -198,6 +202,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=None, help="Smoke runs only (default: the cpu preset's 12).")
     parser.add_argument("--runs_dir", default=None, help="Runs folder (default: bench/runs); smoke runs use their own.")
     parser.add_argument("--results_dir", default=None, help="Results folder (default: bench/results).")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Train and craft nothing: write the table from the finished runs ('-' for the rest).")
     args = parser.parse_args()
     use_folders(args.runs_dir, args.results_dir)
     args.checkpoints = args.checkpoints or str(RUNS_DIR / "source-cpu")
@@ -224,7 +230,9 @@ def main():
         for defense in defenses:
             start = time.perf_counter()
             try:
-                cells[row][defense] = victim(row, dataset, args.dataset, defense, args)
+                cell = victim(row, dataset, args.dataset, defense, args)
+                if cell is not None:
+                    cells[row][defense] = cell
             except RuntimeError as err:
                 cells[row][defense] = {"error": str(err), "wall_seconds": time.perf_counter() - start}
                 failed = True
