@@ -81,7 +81,8 @@ def victim(row: str, dataset: str, eval_dataset: str, defense: str, args) -> dic
         if reason:
             raise SystemExit(f"{output_dir} holds a victim of another setup ({reason}): delete it, or pass --runs_dir.")
         cell = read_json(output_dir / CELL_FILE) if (output_dir / CELL_FILE).exists() else {}
-        return {**summary(result, output_dir), "wall_seconds": cell.get("wall_seconds"), "reused": True}
+        return {**summary(result, output_dir), "wall_seconds": cell.get("wall_seconds"), "command": cell.get("command"),
+                "reused": True}
     if args.report_only:
         return None
 
@@ -93,7 +94,7 @@ def victim(row: str, dataset: str, eval_dataset: str, defense: str, args) -> dic
     wall = launch("train_victim.py", recipe_args, log=RUNS_DIR / f"{output_dir.name}.log")
     command = "accelerate launch --cpu recipes/train_victim.py " + " ".join(map(str, recipe_args))
     (output_dir / CELL_FILE).write_text(json.dumps({"wall_seconds": wall, "command": command}, indent=2))
-    return {**summary(read_json(results_file), output_dir), "wall_seconds": wall, "reused": False}
+    return {**summary(read_json(results_file), output_dir), "wall_seconds": wall, "command": command, "reused": False}
 
 
 def summary(result: dict, output_dir: Path) -> dict:
