@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 from sep_hf.data import DataArguments
 from sep_hf.launch import prepare_launch
-from sep_hf.protect import ProtectArguments, run_protection
+from sep_hf.protect import ProtectArguments, budget_text, run_protection
 from sep_hf.protections import arguments_for, protection_arguments
 from sep_hf.runs import RunArguments
 from sep_hf.runtime import resolve_mixed_precision
@@ -52,8 +52,7 @@ def main():
                              method_args=arguments_for(args.method, method_args))
     if results is not None:
         where = results["hub_dataset_id"] or f"{run_args.output_dir}/dataset"
-        budget = f"eps {results['eps']:g}/255" if results["eps"] is not None else "no L-inf budget"
-        print(f"{args.method} ({budget}): {results['counts']} images, max L-inf {results['max_linf']}/255, "
+        print(f"{args.method} ({budget_text(results['eps'])}): {results['counts']} images, max L-inf {results['max_linf']}/255, "
               f"mean PSNR {results['mean_psnr']:.1f} dB -> {where}")
 
 

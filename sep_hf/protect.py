@@ -142,6 +142,11 @@ def _split_stats(split) -> dict:
     return stats
 
 
+def budget_text(eps: float | None) -> str:
+    """How a result states its budget: ``eps 8/255``, or that the method has none (CUDA)."""
+    return f"eps {eps:g}/255" if eps is not None else "no L-inf budget"
+
+
 def run_protection(
     args: ProtectArguments,
     data_args: DataArguments,
@@ -223,9 +228,8 @@ def run_protection(
     budget = results["eps"] if results["eps"] is not None else max(results["max_linf"], 1)
     (folder / GRID_FILE).write_bytes(sample_grid_png(clean, shown, budget / 255))
     if args.push_to_hub:
-        budget_text = f"eps {results['eps']:g}/255" if results["eps"] is not None else "no L-inf budget"
         results["hub_revision"] = hub.upload_folder(args.hub_dataset_id, folder, "dataset",
-                                                    f"Publish {args.method} protection ({budget_text})",
+                                                    f"Publish {args.method} protection ({budget_text(results['eps'])})",
                                                     delete_patterns=["data/*"])
     wall["publishing"] = time.perf_counter() - start
     results["wall_seconds"] = wall
