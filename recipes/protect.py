@@ -52,7 +52,8 @@ def main():
                              method_args=arguments_for(args.method, method_args))
     if results is not None:
         where = results["hub_dataset_id"] or f"{run_args.output_dir}/dataset"
-        print(f"{args.method} ({budget_text(results['eps'])}): {results['counts']} images, max L-inf {results['max_linf']}/255, "
+        print(f"{args.method} ({budget_text(results['eps'])}): {results['counts']} images, "
+              f"max L-inf {results['max_linf']}/255, "
               f"mean PSNR {results['mean_psnr']:.1f} dB -> {where}")
 
 
