@@ -98,10 +98,10 @@ def use_folders(runs_dir: str | None, results_dir: str | None) -> None:
         common.RESULTS_DIR = Path(results_dir).resolve()
 
 
-def victim_dir(row: str, column: str, eps: float, model: str) -> Path:
+def victim_dir(row: str, column: str, eps: float, model: str, data_name: str | None = None) -> Path:
     # defense none keeps sep_effectiveness.py's folder names, so its finished victims are reused
     spec = parse_row(row, eps)
-    data = "clean" if spec["method"] == "clean" else f"{spec['method']}-eps{spec['eps']:g}"
+    data = data_name or ("clean" if spec["method"] == "clean" else f"{spec['method']}-eps{spec['eps']:g}")
     if spec["protected_percent"] != 100:
         data += f"-p{spec['protected_percent']}"
     return RUNS_DIR / (f"victim-{data}-{model}" + ("" if column == "none" else f"-{column}"))
@@ -119,10 +119,11 @@ def mismatch(result: dict, defense: str, expected: dict) -> str | None:
     return None
 
 
-def victim(row: str, dataset: str, eval_dataset: str, column: str, args) -> dict | None:
+def victim(row: str, dataset: str, eval_dataset: str, column: str, args, data_name: str | None = None) -> dict | None:
+    """One cell: the victim of training ``column`` on ``dataset`` (its folder named by the row, or ``data_name``)."""
     defense, flags = columns()[column]
     spec = parse_row(row, args.eps)
-    output_dir = victim_dir(row, column, args.eps, args.model)
+    output_dir = victim_dir(row, column, args.eps, args.model, data_name)
     clean_fraction = round(1 - spec["protected_percent"] / 100, 4)
     expected = {"num_train": args.max_train_samples or CPU_DATA["max_train_samples"],
                 "num_eval": args.max_eval_samples or CPU_DATA["max_eval_samples"],
@@ -171,11 +172,16 @@ def crafted(row: str, args) -> tuple[str, dict]:
     if args.report_only and not (RUNS_DIR / f"protect-{method}-eps{eps:g}" / "results.json").exists():
         return "", {"error": "not crafted yet"}
     dataset, protection = sep_effectiveness.protect(method, eps, args.checkpoints, args.dataset)
+    return str(dataset), crafting_record(dataset, protection, spec["protected_percent"])
+
+
+def crafting_record(dataset: Path, protection: dict, protected_percent: int = 100) -> dict:
+    """What the matrix keeps of a protect.py results.json."""
     wall = protection.get("wall_seconds", {})
-    return str(dataset), {"dataset": str(dataset), "max_linf": protection.get("max_linf"), "eps": protection.get("eps"),
+    return {"dataset": str(dataset), "max_linf": protection.get("max_linf"), "eps": protection.get("eps"),
                           "mean_psnr": protection.get("mean_psnr"), "wall_seconds": wall,
                           "crafted_against": protection.get("crafted_against", []),
-                          "protected_percent": spec["protected_percent"],
+                          "protected_percent": protected_percent,
                           "crafting_seconds": sum(v for k, v in wall.items() if k not in ("publishing", "decoding"))}
 
 

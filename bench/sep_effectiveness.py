@@ -18,15 +18,18 @@ from common import RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, 
 from sep_hf.protections import get_protection
 
 
-def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: float | None = None) -> tuple[Path, dict]:
-    """Protect the training split at CPU scale (step size: the cpu preset's unless given)."""
+def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: float | None = None,
+            flags: dict | None = None, name: str | None = None) -> tuple[Path, dict]:
+    """Protect the training split at CPU scale (step size: the cpu preset's unless given; ``flags``: more
+    protect.py flags, with ``name`` for the run folder)."""
     suffix = "" if step_size is None else f"-alpha{step_size:g}"
-    output_dir = RUNS_DIR / f"protect-{method}-eps{eps:g}{suffix}"
+    output_dir = RUNS_DIR / f"protect-{name or method}-eps{eps:g}{suffix}"
     if not (output_dir / "results.json").exists():
         alpha = [] if step_size is None else ["--step_size", step_size]
         budget = ["--eps", eps] if get_protection(method).has_budget else []  # CUDA has none
+        extra = [item for flag, value in (flags or {}).items() for item in (f"--{flag}", value)]
         launch("protect.py", ["--dataset", dataset, "--preset", "cpu", "--checkpoints", checkpoints, "--method", method,
-                              *budget, *alpha, "--splits", "train", "--output_dir", output_dir],
+                              *budget, *alpha, *extra, "--splits", "train", "--output_dir", output_dir],
                log=RUNS_DIR / f"{output_dir.name}.log")
     return output_dir / "dataset", read_json(output_dir / "results.json")
 

@@ -95,14 +95,13 @@ def bit_depth(images: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}.")
-    bins = 2**bits
+    width = 256 // 2**bits
     if images.dtype == torch.uint8:
         if bits == 8:
             return images.clone()
-        width = 256 // bins
         return ((images // width) * width + width // 2).to(torch.uint8)
-    width = 1.0 / bins
-    squeezed = (torch.floor(images.clamp(0, 1 - 1e-6) / width) * width + width / 2)
+    levels = torch.round(images.detach().clamp(0, 1) * 255)  # the uint8 levels the float pixels stand for
+    squeezed = (torch.div(levels, width, rounding_mode="floor") * width + width // 2) / 255 if bits < 8 else levels / 255
     return images + (squeezed - images).detach()
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.attacks import pgd, sign_step
+from sep_hf.eot import apply_views, draw_keys, lowpass_direction, parse_views, splitmix64
 from sep_hf.data import public_name
 from sep_hf.ensemble import CheckpointEnsemble, tensor_hash
 from sep_hf.protections import register_protection
@@ -53,8 +54,15 @@ class SEPConfig:
     vr_steps: int | None = field(default=None, metadata={"help": "Inner VR steps M (default: K, the ensemble size)."})
     seed: int = field(default=0, metadata={"help": "Seed of VR's checkpoint picks (with each example's index)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast (CUDA, AMX CPUs)."})
+    # Robustness (sep-robust): craft through random differentiable squeezes, in a space they keep.
+    craft_transforms: tuple[str, ...] = field(default=(), metadata={"help": "Views of sep_hf.eot.VIEWS the loss is averaged over."})
+    eot_samples: int = field(default=1, metadata={"help": "View draws per checkpoint gradient."})
+    perturbation_block: int = field(default=1, metadata={"help": "Perturbation constant over BxB pixel blocks."})
+    shared_channels: bool = field(default=False, metadata={"help": "One perturbation for all colour channels (luma only)."})
 
     def __post_init__(self):
+        views = self.craft_transforms
+        self.craft_transforms = parse_views(views if isinstance(views, str) else ",".join(views))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'.")
         if not 0 < self.eps <= 1:
@@ -63,15 +71,17 @@ class SEPConfig:
             raise ValueError(f"steps and step_size must be positive (got {self.steps}, {self.step_size}).")
         if self.vr_steps is not None and self.vr_steps <= 0:
             raise ValueError(f"vr_steps must be positive, got {self.vr_steps}.")
+        if self.eot_samples < 1 or self.perturbation_block < 1:
+            raise ValueError(f"eot_samples and perturbation_block must be >= 1, got {self.eot_samples}, {self.perturbation_block}.")
 
     @property
     def uses_features(self) -> bool:
         return self.method != "sep"
 
     def gradient_evaluations(self, num_models: int) -> int:
-        """Per-image forward+backward passes: T K for SEP and SEP-FA, T (K + M) for SEP-FA-VR."""
+        """Per-image forward+backward passes: T K for SEP and SEP-FA, T (K + M) for SEP-FA-VR (times the EOT samples)."""
         inner = (self.vr_steps or num_models) if self.method == "sep-fa-vr" else 0
-        return self.steps * (num_models + inner)
+        return self.steps * (num_models + inner) * (self.eot_samples if self.craft_transforms else 1)
 
 
 @dataclass
@@ -96,25 +106,6 @@ class SEPArguments:
 def target_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """g(y) = (y + C/2) mod C: CIFAR-10 (y + 5) % 10, CIFAR-100 (y + 50) % 100."""
     return (labels + num_classes // 2) % num_classes
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _as_int64(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN, _MIX1, _MIX2 = (_as_int64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 on int64 tensors (wrapping arithmetic; logical shifts emulated with masks)."""
-    x = x + _GOLDEN
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
 def vr_picks(indices: torch.Tensor, seed: int, outer_step: int, inner_steps: int, num_models: int) -> torch.Tensor:
@@ -143,10 +134,33 @@ def _grad(ensemble, k, x, target, class_means, bf16: bool) -> torch.Tensor:
     return torch.autograd.grad(loss, x)[0]
 
 
-def _vr_direction(ensemble, x, original, target, class_means, config: SEPConfig, picks: torch.Tensor) -> torch.Tensor:
-    """SEP-FA-VR's outer direction: M inner steps along variance-reduced gradients, accumulated."""
+def _view_grad(ensemble, k, x, target, class_means, config: SEPConfig, keys: torch.Tensor | None) -> torch.Tensor:
+    """Checkpoint k's gradient at x, averaged over ``config.eot_samples`` random views (keys: one per example)."""
+    if not config.craft_transforms:
+        return _grad(ensemble, k, x, target, class_means, config.bf16)
+    total = torch.zeros_like(x)
+    for sample in range(config.eot_samples):
+        x_in = x.detach().requires_grad_(True)
+        sample_keys = splitmix64(keys * 37 + sample)
+        viewed = apply_views(x_in, sample_keys, config.craft_transforms)  # fp32: JPEG's rounding needs it
+        with ensemble.autocast(config.bf16):
+            loss = _loss(ensemble, k, viewed, target, class_means)
+        total += torch.autograd.grad(loss, x_in)[0]
+    return total / config.eot_samples
+
+
+def _lowpass(direction: torch.Tensor, config: SEPConfig) -> torch.Tensor:
+    return lowpass_direction(direction, config.perturbation_block, config.shared_channels)
+
+
+def _vr_direction(ensemble, x, original, target, class_means, config: SEPConfig, picks: torch.Tensor,
+                  keys) -> torch.Tensor:
+    """SEP-FA-VR's outer direction: M inner steps along variance-reduced gradients, accumulated.
+
+    ``keys(k)`` gives checkpoint k's per-example view keys of this step (inner step m uses K + m).
+    """
     K = ensemble.num_models
-    per_model = torch.stack([_grad(ensemble, k, x, target, class_means, config.bf16) for k in range(K)])
+    per_model = torch.stack([_view_grad(ensemble, k, x, target, class_means, config, keys(k)) for k in range(K)])
     mean_grad = per_model.mean(0)
     inner, accumulated = x.clone(), torch.zeros_like(x)
     rows = torch.arange(len(x), device=x.device)
@@ -154,9 +168,11 @@ def _vr_direction(ensemble, x, original, target, class_means, config: SEPConfig,
         direction = torch.empty_like(x)
         for k in picks[:, m].unique().tolist():
             chosen = (picks[:, m] == k).nonzero().squeeze(1)
-            direction[chosen] = _grad(ensemble, k, inner[chosen], target[chosen], class_means, config.bf16)
+            inner_keys = keys(K + m)
+            direction[chosen] = _view_grad(ensemble, k, inner[chosen], target[chosen], class_means, config,
+                                           None if inner_keys is None else inner_keys[chosen])
         accumulated += direction - (per_model[picks[:, m], rows] - mean_grad)
-        inner = sign_step(inner, accumulated, original, config.eps, config.step_size)
+        inner = sign_step(inner, _lowpass(accumulated, config), original, config.eps, config.step_size)
     return accumulated
 
 
@@ -191,11 +207,18 @@ def craft_sep(
         class_means = None
     K = ensemble.num_models
 
+    def keys(step: int):  # the views of (example, step, checkpoint or inner step): no process state
+        if not config.craft_transforms:
+            return lambda k: None
+        return lambda k: draw_keys(indices, config.seed, step, k)
+
     def direction(x: torch.Tensor, step: int) -> torch.Tensor:
         if config.method == "sep-fa-vr":
             picks = vr_picks(indices, config.seed, step, config.vr_steps or K, K)
-            return _vr_direction(ensemble, x, original, target, class_means, config, picks)
-        return sum(_grad(ensemble, k, x, target, class_means, config.bf16) for k in range(K))
+            return _lowpass(_vr_direction(ensemble, x, original, target, class_means, config, picks, keys(step)), config)
+        step_keys = keys(step)
+        return _lowpass(sum(_view_grad(ensemble, k, x, target, class_means, config, step_keys(k)) for k in range(K)),
+                        config)
 
     protected = pgd(direction, original, config.eps, config.step_size, config.steps)
     return budget_clamp(protected, original, config.eps)
@@ -234,18 +257,25 @@ class SEPTransform(ProtectionTransform):
         }
 
     @classmethod
+    def config_from(cls, context, name: str) -> SEPConfig:
+        args = context.arguments(SEPArguments)
+        return SEPConfig(method=name, eps=context.eps, steps=args.steps, step_size=args.step_size / 255,
+                         vr_steps=args.vr_steps, seed=context.seed, bf16=context.bf16)
+
+    @classmethod
     def from_arguments(cls, context, name: str) -> "SEPTransform":
         args = context.arguments(SEPArguments)
-        config = SEPConfig(method=name, eps=context.eps, steps=args.steps, step_size=args.step_size / 255,
-                           vr_steps=args.vr_steps, seed=context.seed, bf16=context.bf16)
+        config = cls.config_from(context, name)
         ensemble = context.ensemble(args.checkpoints, args.checkpoints_revision, args.num_models)
         class_means = None
         if config.uses_features:
             images, labels = context.train_tensors
             with context.accelerator.main_process_first():  # the main process computes, the others read its cache
                 class_means = ensemble.class_means(images, labels, cache_dir=context.output_dir / "cache" / "class_means")
-        return cls(ensemble, config, class_means, image_column=context.columns.image,
-                   label_column=context.columns.label, return_stats=True)
+        transform = cls(ensemble, config, class_means, image_column=context.columns.image,
+                        label_column=context.columns.label, return_stats=True)
+        transform.name = name
+        return transform
 
     def describe(self) -> dict:
         config = self.config

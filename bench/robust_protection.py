@@ -1,0 +1,167 @@
+"""Robust protection search at CPU scale: candidates of ``--method sep-robust`` against the appropriator's trainings.
+
+    python bench/source_cpu.py                       # first: the K=6 checkpoints in bench/runs/source-cpu
+    python bench/robust_protection.py [--candidates NAME ...] [--defenses none jpeg ...]
+
+Each candidate is a set of ``recipes/protect.py --method sep-robust`` flags, crafted on the first
+10,000 CIFAR-10 training images at 8/255 (the protection matrix's protocol), and its victims are
+the matrix's columns (``protection_matrix.COLUMNS``, same folders and resume: finished crafting and
+victims are reused). Per candidate the JSON has ``name``, ``floor`` (highest clean test accuracy
+over the measured trainings), ``floor_defense``, ``held_out_floor`` (over the trainings the crafting
+never saw), ``standard_accuracy``, ``mean_psnr``, ``crafting_seconds`` and the ``flags``. SEP-FA-VR
+and CUDA come from bench/results/protection_matrix.json as reference points.
+
+Screening runs ``--defenses`` on every candidate (the cheap columns by default; AT and RSE take
+~11 minutes each), then the finalists get every column. Writes
+bench/results/robust_protection.{json,md,png}.
+"""
+
+import argparse
+import sys
+import time
+
+import common
+import protection_matrix as matrix
+import sep_effectiveness
+from common import RUNS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_results
+
+NAME = "robust_protection"
+# name -> sep-robust flags. Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
+# evaluations per image, the cpu preset) unless its flags say otherwise.
+CANDIDATES = {
+    "plain": {"craft_transforms": "none"},
+    "eot": {"craft_transforms": "jpeg,grayscale,blur,noise,augment"},
+    "luma-block2": {"craft_transforms": "none", "perturbation_block": 2, "shared_channels": True},
+    "eot-luma-block2": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "perturbation_block": 2,
+                        "shared_channels": True},
+    "eot-luma": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "shared_channels": True},
+    "eot-block4": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "perturbation_block": 4},
+    "eot-jpeg-luma-block2": {"craft_transforms": "jpeg", "perturbation_block": 2, "shared_channels": True},
+}
+SCREEN_COLUMNS = ["none", "jpeg", "jpeg50", "grayscale", "bitdepth", "blur", "augment"]
+REFERENCES = ("sep-fa-vr", "sep-fa", "cuda")
+
+
+def candidate_row(name: str, flags: dict, args) -> tuple[str, dict]:
+    dataset, protection = sep_effectiveness.protect("sep-robust", args.eps, args.checkpoints, args.dataset,
+                                                    flags=flags, name=f"robust-{name}")
+    return str(dataset), matrix.crafting_record(dataset, protection)
+
+
+def pareto_png(candidates: list[dict], references: list[dict]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6.5, 4.5))
+    for items, marker, colour in ((candidates, "o", "tab:blue"), (references, "s", "tab:red")):
+        for item in items:
+            if item.get("floor") is None or item.get("mean_psnr") is None:
+                continue
+            axis.scatter(item["mean_psnr"], item["floor"], marker=marker, color=colour)
+            label = item["name"] + ("" if not item.get("missing_defenses") else f" ({len(item['missing_defenses'])} cols missing)")
+            axis.annotate(label, (item["mean_psnr"], item["floor"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.axhline(0.30, color="grey", linestyle="--", linewidth=1)
+    axis.axvline(28, color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("mean PSNR of the protected images (dB, higher = less visible)")
+    axis.set_ylabel("floor: best appropriator training's test accuracy")
+    axis.set_title("sep-robust candidates (blue) vs references (red); target: floor <= 0.30, PSNR >= 28", fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def summarize(name: str, row_cells: dict, crafting: dict, clean_cells: dict, defenses: list[str], flags: dict | None) -> dict:
+    floor = matrix.floors({"clean": clean_cells, name: row_cells}, {name: crafting}, defenses).get(name, {})
+    return {"name": name, "floor": floor.get("floor"), "floor_defense": floor.get("floor_defense"),
+            "held_out_floor": floor.get("held_out_floor"), "held_out": floor.get("held_out"),
+            "standard_accuracy": row_cells.get("none", {}).get("eval_accuracy"),
+            "mean_psnr": crafting.get("mean_psnr"), "crafting_seconds": crafting.get("crafting_seconds"),
+            "measured_defenses": floor.get("measured_defenses", []), "missing_defenses": floor.get("missing_defenses", []),
+            "defeated_by": floor.get("defeated_by", []), "flags": flags,
+            "cells": {d: c["eval_accuracy"] for d, c in row_cells.items() if "eval_accuracy" in c}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help=f"Of {', '.join(CANDIDATES)}.")
+    parser.add_argument("--defenses", nargs="+", default=SCREEN_COLUMNS, help="Columns to measure (matrix names).")
+    parser.add_argument("--eps", type=float, default=8.0)
+    parser.add_argument("--model", default="smallnet_cifar")
+    parser.add_argument("--dataset", default=str(SHARED_CIFAR10))
+    parser.add_argument("--checkpoints", default=None, help="Source checkpoints (default: RUNS_DIR/source-cpu).")
+    parser.add_argument("--runs_dir", default=None, help="Runs folder (default: bench/runs).")
+    parser.add_argument("--report_only", action="store_true", help="Craft and train nothing; report finished runs.")
+    args = parser.parse_args()
+    for flag in ("max_train_samples", "max_eval_samples", "epochs"):
+        setattr(args, flag, None)  # the matrix's protocol, always
+    matrix.use_folders(args.runs_dir, None)
+    args.checkpoints = args.checkpoints or str(matrix.RUNS_DIR / "source-cpu")
+    unknown = sorted(set(args.candidates) - set(CANDIDATES)) + sorted(set(args.defenses) - set(matrix.columns()))
+    if unknown:
+        raise SystemExit(f"Unknown candidates or columns {unknown}.")
+    all_columns = list(matrix.columns())
+    previous = read_json(common.RESULTS_DIR / f"{NAME}.json") if (common.RESULTS_DIR / f"{NAME}.json").exists() else {}
+    reference_matrix = read_json(common.RESULTS_DIR / "protection_matrix.json")
+    clean_cells = reference_matrix["cells"].get("clean", {})
+
+    results = {item["name"]: item for item in previous.get("candidates", []) if item["name"] in CANDIDATES}
+    command = "python bench/robust_protection.py " + " ".join(sys.argv[1:])
+    failed = False
+    for name in args.candidates:
+        flags = CANDIDATES[name]
+        craft_dir = matrix.RUNS_DIR / f"protect-robust-{name}-eps{args.eps:g}"
+        if args.report_only and not (craft_dir / "results.json").exists():
+            continue
+        dataset, crafting = candidate_row(name, flags, args)
+        row_cells = {}
+        for column in all_columns:  # finished victims of every column count, measured this time or not
+            measure = column in args.defenses and not args.report_only
+            start = time.perf_counter()
+            try:
+                cell = matrix.victim("sep-robust", dataset, args.dataset, column,
+                                     argparse.Namespace(**{**vars(args), "report_only": not measure}),
+                                     data_name=f"robust-{name}-eps{args.eps:g}")
+                if cell is not None:
+                    row_cells[column] = cell
+            except RuntimeError as err:
+                row_cells[column] = {"error": str(err), "wall_seconds": time.perf_counter() - start}
+                failed = True
+        results[name] = summarize(name, row_cells, crafting, clean_cells, all_columns, flags)
+        write(results, reference_matrix, all_columns, command)
+    write(results, reference_matrix, all_columns, command)
+    sys.exit(1 if failed else 0)
+
+
+def write(results: dict, reference_matrix: dict, columns: list[str], command: str) -> None:
+    references = [summarize(row, reference_matrix["cells"].get(row, {}), reference_matrix["crafting"].get(row, {}),
+                            reference_matrix["cells"].get("clean", {}), columns, None) for row in REFERENCES]
+    candidates = list(results.values())
+
+    def fmt(value, digits=4):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [[item["name"], fmt(item["floor"]), item["floor_defense"] or "-", fmt(item["held_out_floor"]),
+             fmt(item["standard_accuracy"]), fmt(item["mean_psnr"], 1),
+             fmt(item["crafting_seconds"] / 60 if item.get("crafting_seconds") else None, 1),
+             *(fmt(item["cells"].get(d)) for d in columns),
+             "; ".join(f"{k}={v}" for k, v in (item["flags"] or {}).items()) or "(reference)"]
+            for item in [*candidates, *references]]
+    table = markdown_table(["candidate", "floor", "reached by", "held-out floor", "standard", "PSNR dB", "craft min",
+                            *columns, "flags"], rows)
+    table += ("\n\nfloor: the highest clean test accuracy over the measured columns ('-': not measured; a floor over "
+              "fewer columns is a lower bound). Held-out: the columns whose defense the crafting never saw.")
+    payload = {"setup": {"protocol": "bench/protection_matrix.py's cpu protocol: 10k train / 2k test CIFAR-10, "
+                                     "smallnet_cifar victims, 12 epochs, eps 8/255, K=6 source checkpoints",
+                         "columns": {d: {"defense": matrix.columns()[d][0], "flags": matrix.columns()[d][1]} for d in columns}},
+               "commands": ["python bench/source_cpu.py", command], "candidates": candidates, "references": references}
+    write_results(NAME, payload, table)
+    (common.RESULTS_DIR / f"{NAME}.png").write_bytes(pareto_png(candidates, references))
+
+
+if __name__ == "__main__":
+    main()

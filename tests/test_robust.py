@@ -1,0 +1,155 @@
+"""sep-robust: differentiable views match the defenses, draws are per example, the perturbation space,
+budget, determinism, batch-split invariance, and 1 vs 2 processes through protect.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_recipe
+from sep_hf import transforms
+from sep_hf.data import quantize
+from sep_hf.eot import VIEWS, apply_views, draw_keys, lowpass_direction, parse_views
+from sep_hf.protections import get_protection
+from sep_hf.protections.sep import SEPConfig, craft_sep
+
+ALL_VIEWS = ("jpeg", "grayscale", "blur", "bitdepth", "noise", "augment")
+
+
+@pytest.fixture(scope="module")
+def real_images(cifar_small):
+    return cifar_small.eval_images[:64]
+
+
+@pytest.fixture(scope="module")
+def batch(cifar_small):
+    # kept away from 0 and 1 so clamping to the pixel range never breaks a block or channel pattern
+    images = quantize(cifar_small.train_images[:24].float() / 255 * 0.8 + 0.1).float() / 255
+    return images, cifar_small.train_labels[:24]
+
+
+@pytest.fixture(scope="module")
+def means(tiny_ensemble, cifar_small, tmp_path_factory):
+    return tiny_ensemble.class_means(cifar_small.train_images, cifar_small.train_labels,
+                                     cache_dir=tmp_path_factory.mktemp("means"))
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / (a.float() - b.float()).pow(2).mean()))
+
+
+def test_views_match_the_defenses_squeezes_on_real_images(real_images):
+    """The float views the crafting sees stay close to the uint8 squeezes the victim trains on."""
+    x = real_images.float() / 255
+    assert _psnr(transforms.jpeg(x, 10), transforms.jpeg(real_images, 10).float() / 255) > 30  # measured 35.3 dB
+    assert (transforms.grayscale(x) * 255 - transforms.grayscale(real_images).float()).abs().max() <= 0.5 + 1e-4
+    assert (transforms.gaussian_blur(x, 1.0) * 255 - transforms.gaussian_blur(real_images, 1.0).float()).abs().max() <= 0.5 + 1e-3
+    assert torch.equal(quantize(transforms.bit_depth(x, 4)), transforms.bit_depth(real_images, 4))
+
+
+@pytest.mark.parametrize("name", ALL_VIEWS)
+def test_every_view_changes_the_image_and_passes_a_finite_nonzero_gradient(real_images, name):
+    x = (real_images.float() / 255).requires_grad_(True)
+    keys = draw_keys(torch.arange(len(x)), 0, 1, 2)
+    viewed = VIEWS[name](x, keys)
+    assert viewed.shape == x.shape and (viewed - x).abs().mean() > 1e-3
+    gradient = torch.autograd.grad((viewed * torch.randn_like(viewed)).sum(), x)[0]
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_draws_depend_on_the_example_not_on_the_batch(real_images):
+    x = real_images.float() / 255
+    keys = draw_keys(torch.arange(100, 164), seed=3, *())
+    whole = apply_views(x, keys, ALL_VIEWS)
+    halves = torch.cat([apply_views(x[:20], keys[:20], ALL_VIEWS), apply_views(x[20:], keys[20:], ALL_VIEWS)])
+    assert torch.equal(whole, halves)
+    other_seed = apply_views(x, draw_keys(torch.arange(100, 164), seed=4), ALL_VIEWS)
+    assert not torch.equal(whole, other_seed)
+    picked = {name: (apply_views(x, keys, (name,)) != x).flatten(1).any(1) for name in ALL_VIEWS}
+    assert all(0 < int(changed.sum()) < len(x) for changed in picked.values()), "identity must be drawn too"
+
+
+def test_unknown_view_is_a_clear_error():
+    assert parse_views("jpeg, noise") == ("jpeg", "noise") and parse_views("none") == ()
+    with pytest.raises(ValueError, match="Unknown craft transform.*jpg"):
+        parse_views("jpeg,jpg")
+
+
+def test_lowpass_direction_is_block_constant_and_channel_shared():
+    direction = lowpass_direction(torch.randn(3, 3, 32, 32), block=4, shared_channels=True)
+    assert torch.equal(direction[:, 0], direction[:, 1]) and torch.equal(direction[:, 0], direction[:, 2])
+    blocks = direction.unfold(2, 4, 4).unfold(3, 4, 4)  # (N, C, 8, 8, 4, 4)
+    assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
+    odd = lowpass_direction(torch.randn(1, 1, 30, 30), block=4)
+    assert odd.shape == (1, 1, 30, 30)
+
+
+@pytest.mark.parametrize("method", ["sep-fa", "sep-fa-vr"])
+def test_robust_crafting_budget_space_determinism_and_batch_split(tiny_ensemble, batch, means, method):
+    images, labels = batch
+    config = SEPConfig(method=method, steps=3, step_size=4 / 255, craft_transforms=ALL_VIEWS, perturbation_block=2,
+                       shared_channels=True, eot_samples=2)
+    indices = torch.arange(500, 524)
+    protected = craft_sep(images, labels, tiny_ensemble, config, indices=indices, class_means=means)
+    delta = quantize(protected).int() - quantize(images).int()
+    assert torch.equal(quantize(protected).float() / 255, protected) and delta.abs().max() <= 8
+    assert delta.abs().float().mean() > 2, "the perturbation should use a good part of the 8/255 budget"
+    assert torch.equal(delta[:, 0], delta[:, 1]) and torch.equal(delta[:, 1], delta[:, 2]), "channels not shared"
+    blocks = delta.unfold(2, 2, 2).unfold(3, 2, 2)
+    assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks)), "not constant over 2x2 blocks"
+    assert torch.equal(protected, craft_sep(images, labels, tiny_ensemble, config, indices=indices, class_means=means))
+    halves = torch.cat([craft_sep(images[:10], labels[:10], tiny_ensemble, config, indices=indices[:10], class_means=means),
+                        craft_sep(images[10:], labels[10:], tiny_ensemble, config, indices=indices[10:], class_means=means)])
+    assert torch.equal(protected, halves), "a process's share of the batch changed the output"
+    plain = craft_sep(images, labels, tiny_ensemble, SEPConfig(method=method, steps=3, step_size=4 / 255),
+                      indices=indices, class_means=means)
+    assert not torch.equal(protected, plain)
+
+
+def test_no_views_is_exactly_sep(tiny_ensemble, batch, means):
+    """sep-robust's machinery with every piece off must not change SEP's output (bench/equivalence.py too)."""
+    images, labels = batch
+    base = SEPConfig(method="sep-fa-vr", steps=2)
+    robust_off = SEPConfig(method="sep-fa-vr", steps=2, craft_transforms=(), eot_samples=3, perturbation_block=1)
+    assert torch.equal(craft_sep(images, labels, tiny_ensemble, base, class_means=means),
+                       craft_sep(images, labels, tiny_ensemble, robust_off, class_means=means))
+    assert base.gradient_evaluations(6) == robust_off.gradient_evaluations(6) == 2 * 12
+    assert SEPConfig(steps=2, craft_transforms=("jpeg",), eot_samples=3).gradient_evaluations(6) == 2 * 12 * 3
+
+
+def _args(checkpoints, output_dir):
+    return ["--dataset", "cifar10", "--preset", "cpu", "--checkpoints", checkpoints, "--num_models", 3,
+            "--method", "sep-robust", "--craft_transforms", "jpeg,noise,augment", "--perturbation_block", 2,
+            "--steps", 2, "--max_train_samples", 60, "--splits", "train", "--shard_size", 20,
+            "--craft_batch_size", 20, "--output_dir", output_dir]
+
+
+@pytest.mark.slow
+def test_sep_robust_through_protect_py_is_the_same_for_one_and_two_processes(loopback_hub, tiny_source_run, tmp_path):
+    import datasets
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_recipe("protect.py", _args(tiny_source_run, one))
+    run_recipe("protect.py", _args(tiny_source_run, two), num_processes=2)
+    results = json.loads((one / "results.json").read_text())
+    assert results["method"] == "sep-robust" and results["base_method"] == "sep-fa" and results["max_linf"] == 8
+    assert results["craft_transforms"] == ["jpeg", "noise", "augment"] and results["perturbation_block"] == 2
+    assert results["crafted_against"] == ["jpeg", "none", "rse"]  # augment's crop/flip is standard training
+    assert json.loads((two / "results.json").read_text())["num_processes"] == 2
+    card = (one / "dataset" / "README.md").read_text()
+    assert "robust crafting on `sep-fa`" in card and "jpeg, noise, augment" in card
+
+    def pixels(folder):
+        return [row["img"].tobytes() for row in datasets.load_dataset(str(folder / "dataset"))["train"]]
+
+    assert pixels(one) == pixels(two)
+
+
+def test_sep_robust_is_registered_with_its_flags():
+    cls = get_protection("sep-robust")
+    assert cls.arguments.__name__ == "RobustArguments"
+    with pytest.raises(ValueError, match="robust_base"):
+        cls.arguments(robust_base="cuda")
+    with pytest.raises(ValueError, match="Unknown craft transform"):
+        cls.arguments(craft_transforms="jpeg,sharpen")
