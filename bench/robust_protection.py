@@ -27,7 +27,10 @@ from common import RUNS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_re
 
 NAME = "robust_protection"
 # name -> sep-robust flags. Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
-# evaluations per image, the cpu preset) unless its flags say otherwise.
+# evaluations per image, the cpu preset) unless its flags say otherwise. ``source_defense``: the
+# checkpoints come from a source run trained through that victim defense (idea 2: a robust
+# self-ensemble; ``train_source.py --preset cpu --defense D``, in RUNS_DIR/source-cpu-D).
+VIEWS = "jpeg,grayscale,blur,noise,augment"
 CANDIDATES = {
     "plain": {"craft_transforms": "none"},
     "eot": {"craft_transforms": "jpeg,grayscale,blur,noise,augment"},
@@ -37,15 +40,35 @@ CANDIDATES = {
     "eot-luma": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "shared_channels": True},
     "eot-block4": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "perturbation_block": 4},
     "eot-jpeg-luma-block2": {"craft_transforms": "jpeg", "perturbation_block": 2, "shared_channels": True},
+    "at-source-eot-luma-block2": {"source_defense": "at", "craft_transforms": VIEWS, "perturbation_block": 2,
+                                  "shared_channels": True},
+    "jpeg-source-eot-luma-block2": {"source_defense": "jpeg", "craft_transforms": VIEWS, "perturbation_block": 2,
+                                    "shared_channels": True},
+    "at-source": {"source_defense": "at", "craft_transforms": "none"},
 }
 SCREEN_COLUMNS = ["none", "jpeg", "jpeg50", "grayscale", "bitdepth", "blur", "augment"]
 REFERENCES = ("sep-fa-vr", "sep-fa", "cuda")
 
 
+def source_run(defense: str | None, args) -> tuple[str, dict]:
+    """The checkpoints a candidate crafts with: the matrix's source run, or one trained through ``defense``."""
+    if not defense:
+        return args.checkpoints, {}
+    output_dir = matrix.RUNS_DIR / f"source-cpu-{defense}"
+    if not (output_dir / "results.json").exists():
+        common.launch("train_source.py", ["--dataset", args.dataset, "--preset", "cpu", "--defense", defense,
+                                          "--output_dir", output_dir], log=matrix.RUNS_DIR / f"{output_dir.name}.log")
+    results = read_json(output_dir / "results.json")
+    return str(output_dir), {"source_defense": defense, "source_accuracy": results["clean_test_accuracy"],
+                             "source_train_seconds": results["train_seconds"]}
+
+
 def candidate_row(name: str, flags: dict, args) -> tuple[str, dict]:
-    dataset, protection = sep_effectiveness.protect("sep-robust", args.eps, args.checkpoints, args.dataset,
+    flags = dict(flags)
+    checkpoints, source = source_run(flags.pop("source_defense", None), args)
+    dataset, protection = sep_effectiveness.protect("sep-robust", args.eps, checkpoints, args.dataset,
                                                     flags=flags, name=f"robust-{name}")
-    return str(dataset), matrix.crafting_record(dataset, protection)
+    return str(dataset), {**matrix.crafting_record(dataset, protection), **source}
 
 
 def pareto_png(candidates: list[dict], references: list[dict]) -> bytes:
@@ -83,6 +106,7 @@ def summarize(name: str, row_cells: dict, crafting: dict, clean_cells: dict, def
             "mean_psnr": crafting.get("mean_psnr"), "crafting_seconds": crafting.get("crafting_seconds"),
             "measured_defenses": floor.get("measured_defenses", []), "missing_defenses": floor.get("missing_defenses", []),
             "defeated_by": floor.get("defeated_by", []), "flags": flags,
+            "source": {key: crafting[key] for key in ("source_accuracy", "source_train_seconds") if key in crafting},
             "cells": {d: c["eval_accuracy"] for d, c in row_cells.items() if "eval_accuracy" in c}}
 
 

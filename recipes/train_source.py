@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from sep_hf.data import DataArguments
+from sep_hf.defenses import defense_arguments
 from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging
 from sep_hf.jobs.source import run_source_training
 from sep_hf.launch import prepare_launch
@@ -26,12 +27,13 @@ from sep_hf.training import SourceTrainingConfig
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((SourceTrainingConfig, DataArguments, RunArguments, HubArguments))
+    # --defense trains the source through a victim defense (its flags: --jpeg_quality, --at_eps, ...)
+    return HfArgumentParser((SourceTrainingConfig, DataArguments, RunArguments, HubArguments, *defense_arguments()))
 
 
 def main():
     prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/launch.py)
-    config, data_args, run_args, hub_args = parse_recipe_args(make_parser())
+    config, data_args, run_args, hub_args, *defense_args = parse_recipe_args(make_parser())
     run_args.output_dir = run_args.output_dir or "runs/source"
     setup_logging()
     accelerator = Accelerator(
@@ -39,7 +41,7 @@ def main():
         gradient_accumulation_steps=run_args.gradient_accumulation_steps,
     )
     # Training, checkpoints, card and (optionally) push to the Hub
-    results = run_source_training(config, data_args, run_args, hub_args, accelerator)
+    results = run_source_training(config, data_args, run_args, hub_args, accelerator, defense_args=defense_args)
     accelerator.print(
         f"clean test accuracy {results['clean_test_accuracy']:.4f} after {results['train_seconds']:.0f}s; "
         f"checkpoints at epochs {results['checkpoints']} in {run_args.output_dir}"

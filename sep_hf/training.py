@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, ClassVar
 
 import torch
@@ -86,6 +87,8 @@ class SourceTrainingConfig(TrainingRecipe):
                                                                      "cpu": {"num_checkpoints": 6}})
 
     num_checkpoints: int | None = field(default=None, metadata={"help": "K evenly spaced checkpoints (0: every epoch)."})
+    defense: str = field(default="none", metadata={"help": "Train the source through a victim defense (sep_hf/defenses/: "
+                                                           "jpeg, at, ...): a robust self-ensemble for sep-robust."})
 
     def checkpoint_epochs(self) -> list[int]:
         if self.num_checkpoints <= 0:  # 0: every epoch
@@ -140,6 +143,32 @@ def _lr_lambda(config: TrainingRecipe, steps_per_epoch: int) -> Callable[[int], 
     return factor
 
 
+class _LogitsView(torch.nn.Module):
+    """The source model as a defense's hooks see the victims' model: ``model(pixel_values=x).logits``."""
+
+    def __init__(self, model: torch.nn.Module, num_classes: int):
+        super().__init__()
+        self.inner = model
+        self.config = SimpleNamespace(num_labels=num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.inner(pixel_values))
+
+
+class _SourceTrainerView:
+    """What a defense's training hooks use of the victims' Trainer. The source model normalizes
+    inside (``ImageClassifier``), so its inputs are pixels in [0, 1] already."""
+
+    def __init__(self, model: torch.nn.Module, num_classes: int):
+        self.model = _LogitsView(model, num_classes)
+
+    @staticmethod
+    def to_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values
+
+    to_normalized = to_pixels
+
+
 def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     # channels_last: 1.5-1.6x faster convolutions on CUDA and on oneDNN CPUs (bench/README.md).
     return images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
@@ -172,8 +201,12 @@ def train_source(
     accelerator,
     on_checkpoint: Callable[[Checkpoint, list[dict]], None] | None = None,
     resume_from: Checkpoint | None = None,
+    defense=None,
 ) -> dict:
     """Train ``config.model`` on ``data`` and save checkpoints at ``config.checkpoint_epochs()``.
+
+    ``defense`` (``sep_hf.defenses.build_defense(config.defense, ...)``) trains through a victim
+    defense's hooks: its squeeze of the training images once, its per-batch inputs (PGD, mixup).
 
     ``resume_from`` (a complete checkpoint of the same run) restores weights, optimizer, scheduler
     and history; the data order depends only on (seed, epoch), so the continuation is exact.
@@ -194,11 +227,16 @@ def train_source(
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size {config.batch_size} is larger than the {num_train} training images.")
 
+    if defense is not None and defense.name != config.defense:
+        raise ValueError(f"config.defense is '{config.defense}' but the defense passed is '{defense.name}'.")
+    plain = defense is None or config.defense == "none"
     torch.manual_seed(config.seed)
-    mean, std = channel_stats(data.train_images)
+    mean, std = channel_stats(data.train_images)  # of the data as published, as for the victims
     model = build_model(config.model, num_classes=len(data.class_names), img_size=tuple(data.train_images.shape[2:]),
                         mean=mean, std=std)
     model = model.to(memory_format=torch.channels_last)
+    if not plain:
+        model = defense.wrap_model(model)  # RSE's noise layers: hooks only, the state dict is unchanged
     optimizer, scheduler = config.optimizer_and_schedule(model.parameters(), steps_per_epoch)
 
     start_epoch, history, train_seconds = 0, [], 0.0
@@ -217,8 +255,9 @@ def train_source(
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint_epochs = set(config.checkpoint_epochs())
     model_record = accelerator.unwrap_model(model).config
-    train_images = data.train_images.to(device)
+    train_images = (data.train_images if plain else defense.prepare_training_images(data.train_images)).to(device)
     train_labels = data.train_labels.to(device)
+    trainer_view = None if plain else _SourceTrainerView(accelerator.unwrap_model(model), len(data.class_names))
     step = start_epoch * steps_per_epoch
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -233,9 +272,11 @@ def train_source(
             mine = batch[accelerator.process_index :: world]
             for micro in mine.split(micro_batch):
                 with accelerator.accumulate(model):
+                    inputs, targets = _to_float(augmented[micro], device), train_labels[micro]
+                    if trainer_view is not None:
+                        inputs, targets = defense.training_batch(trainer_view, inputs, targets)
                     with accelerator.autocast():
-                        loss = F.cross_entropy(model(_to_float(augmented[micro], device)), train_labels[micro],
-                                               label_smoothing=config.label_smoothing)
+                        loss = F.cross_entropy(model(inputs), targets, label_smoothing=config.label_smoothing)
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -256,6 +297,7 @@ def train_source(
                 "dataset": {"id": data.dataset_id, "revision": data.dataset_revision,
                             "num_train": num_train, "num_eval": len(data.eval_images)},
                 "training_config": asdict(config), "train_seconds": train_seconds, "history": history,
+                "defense_settings": {} if plain else defense.describe(),
                 "num_processes": world,
             }
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}

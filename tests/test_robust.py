@@ -153,3 +153,43 @@ def test_sep_robust_is_registered_with_its_flags():
         cls.arguments(robust_base="cuda")
     with pytest.raises(ValueError, match="Unknown craft transform"):
         cls.arguments(craft_transforms="jpeg,sharpen")
+
+
+def _tiny(data, count=200):
+    import dataclasses
+
+    return dataclasses.replace(data, train_images=data.train_images[:count], train_labels=data.train_labels[:count],
+                               eval_images=data.eval_images[:100], eval_labels=data.eval_labels[:100])
+
+
+def test_source_trained_through_a_defense_uses_its_hooks(cifar_small, accelerator, tmp_path):
+    """train_source --defense (a robust self-ensemble): the squeeze and the per-batch hook really run."""
+    from conftest import tiny_source_config
+    from sep_hf.checkpoints import list_checkpoints
+    from sep_hf.defenses import build_defense, defense_arguments
+    from sep_hf.defenses.at import ATArguments
+    from sep_hf.training import train_source
+
+    data = _tiny(cifar_small)
+    states = {}
+    for name, parsed in (("none", ()), ("jpeg", ()), ("at", (ATArguments(at_steps=2),))):
+        config = tiny_source_config(epochs=1, num_checkpoints=1, defense=name)
+        defense = build_defense(name, parsed)
+        calls = []
+        if name == "at":  # count the PGD batches the source loop asks the defense for
+            original = defense.training_batch
+            defense.training_batch = lambda *args: calls.append(1) or original(*args)
+        train_source(config, data, tmp_path / name, accelerator, defense=defense)
+        checkpoint = list_checkpoints(tmp_path / name)[-1]
+        assert checkpoint.record["training_config"]["defense"] == name
+        states[name] = checkpoint.load_state_dict()
+        if name == "at":
+            assert checkpoint.record["defense_settings"]["eps"] == 4.0 and len(calls) == len(data.train_images) // 25
+    def differs(a, b):
+        return any(not torch.equal(a[key], b[key]) for key in a)
+
+    assert differs(states["none"], states["jpeg"]) and differs(states["none"], states["at"])
+    with pytest.raises(ValueError, match="config.defense is 'jpeg'"):
+        train_source(tiny_source_config(epochs=1, defense="jpeg"), data, tmp_path / "x", accelerator,
+                     defense=build_defense("at", ()))
+    assert len(defense_arguments()) >= 3

@@ -33,6 +33,7 @@ def _same_run_keys(config: SourceTrainingConfig, data: TrainingData) -> dict:
 def _checkpoint_keys(checkpoint: Checkpoint) -> dict:
     training = dict(checkpoint.record["training_config"])
     training.pop("num_checkpoints", None)
+    training.setdefault("defense", "none")  # runs from before --defense existed
     return {"training_config": training, "dataset": checkpoint.record["dataset"]["id"],
             "num_train": checkpoint.record["dataset"]["num_train"]}
 
@@ -74,13 +75,18 @@ def run_source_training(
     accelerator,
     data: TrainingData | None = None,
     allow_public_repo: bool = False,
+    defense_args: list | tuple = (),
 ) -> dict:
     """Train (or resume) the source model, save checkpoints, card and results.json, push if asked.
 
-    ``data`` skips loading and decoding when the caller already has the tensors. The checkpoints
+    ``data`` skips loading and decoding when the caller already has the tensors. ``defense_args``:
+    the parsed defense flag dataclasses of ``config.defense`` (``sep_hf.defenses.defense_arguments``). The checkpoints
     go to a private repo; an existing public one is refused unless ``allow_public_repo``.
     """
+    from sep_hf.defenses import build_defense
+
     apply_preset(run_args.preset, config, data_args)
+    defense = build_defense(config.defense, defense_args)  # before any compute: a wrong flag fails here
     output_dir = Path(run_args.output_dir)
     if data is None:
         with accelerator.main_process_first():
@@ -120,7 +126,8 @@ def run_source_training(
         if uploader is not None:
             uploader.submit({**_checkpoint_files(checkpoint), **files}, f"Add checkpoint epoch {checkpoint.epoch}")
 
-    results = train_source(config, data, output_dir, accelerator, on_checkpoint=on_checkpoint, resume_from=resume)
+    results = train_source(config, data, output_dir, accelerator, on_checkpoint=on_checkpoint, resume_from=resume,
+                           defense=defense)
     if accelerator.is_main_process:
         results.update(dataset=data.dataset_id, dataset_revision=data.dataset_revision,
                        hub_model_id=hub_args.hub_model_id if hub_args.push_to_hub else None, preset=run_args.preset)
