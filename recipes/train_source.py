@@ -1,6 +1,6 @@
 """Train the SEP source model with accelerate and keep its checkpoints (the self-ensemble).
 
-    accelerate launch recipes/train_source.py --dataset cifar10 --preset paper --num_checkpoints 15 \
+    accelerate launch recipes/train_source.py --dataset cifar10 --preset paper --num_checkpoints 30 \
         --output_dir runs/source --push_to_hub --hub_model_id org/cifar10-resnet18-sep-source
 
     accelerate launch --cpu recipes/train_source.py --dataset cifar10 --preset cpu --output_dir runs/source-cpu

@@ -82,8 +82,9 @@ class TrainingRecipe:
 class SourceTrainingConfig(TrainingRecipe):
     """Hyperparameters of the source run. ``None`` fields are filled from the preset."""
 
-    # The paper keeps 15 checkpoints of its 120 epochs; the cpu preset 6 of 12.
-    PRESETS: ClassVar[dict] = merge_presets(TrainingRecipe.PRESETS, {"paper": {"num_checkpoints": 15},
+    # paper: 30 of 120 epochs, what SEP and SEP-FA use at equal compute with SEP-FA-VR's 15 + 15
+    # (sep.SEPArguments.PAPER_NUM_MODELS); cpu: 6 of 12.
+    PRESETS: ClassVar[dict] = merge_presets(TrainingRecipe.PRESETS, {"paper": {"num_checkpoints": 30},
                                                                      "cpu": {"num_checkpoints": 6}})
 
     num_checkpoints: int | None = field(default=None, metadata={"help": "K evenly spaced checkpoints (0: every epoch)."})

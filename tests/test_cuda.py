@@ -63,6 +63,19 @@ def test_apply_matches_a_per_image_reference_in_range_on_grid(cifar_small, share
     assert (quantize(protected).int() - quantize(images).int()).abs().float().mean() > 5  # visibly changed
 
 
+def test_average_channels_is_the_official_grayscale_variant(cifar_small):
+    """--cuda_average_channels: the filtered channels' mean on every channel, then divided by its maximum."""
+    images, labels = cifar_small.train_images[:32].float() / 255, cifar_small.train_labels[:32]
+    filters = cuda_filters(KEY, 10)
+    grey = apply_cuda(images, labels, filters, average_channels=True)
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    colour = _reference(images, labels, filters)
+    mean = colour.mean(1, keepdim=True)  # the reference's channels are already divided by one common max
+    assert (grey - (mean / mean.amax(dim=(1, 2, 3), keepdim=True)).expand_as(grey)).abs().max() <= 1.5 / 255
+    assert CUDAArguments(cuda_average_channels=True).config().average_channels
+    assert not torch.equal(grey, apply_cuda(images, labels, filters))
+
+
 def test_mix_picks_a_fraction_from_key_and_global_index(cifar_small):
     indices = torch.arange(20_000)
     chosen = cuda_selected(KEY, indices, 0.3)

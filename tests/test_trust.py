@@ -30,6 +30,7 @@ from sep_hf.hub import HubError
 from sep_hf.jobs.common import RunArguments
 from sep_hf.jobs.protect import ProtectArguments, run_protection
 from sep_hf.protections.sep import SEPArguments, SEPTransform
+from sep_hf.presets import apply_preset
 from sep_hf.training import SourceTrainingConfig
 
 NUM_TRAIN = 20
@@ -326,3 +327,19 @@ def test_unknown_victim_model_names_the_problem_and_close_matches():
 
     with pytest.raises(ValueError, match=r"Unknown model 'resnet18_cifr'.*Did you mean resnet18_cifar"):
         build_victim_model(VictimTrainingConfig(model="resnet18_cifr"), [str(i) for i in range(10)], (32, 32))
+
+
+@pytest.mark.parametrize("method, expected", [("sep", 30), ("sep-fa", 30), ("sep-fa-vr", 15)])
+def test_paper_preset_compares_the_sep_variants_at_equal_compute(tiny_source_run, tmp_path, accelerator, method, expected):
+    """--preset paper: SEP and SEP-FA take 30 checkpoints, SEP-FA-VR 15 + 15 inner steps (the paper's setting)."""
+    from sep_hf.protections.sep import SEPConfig
+
+    with pytest.raises(CheckpointError, match=rf"Asked for {expected} checkpoints \(--num_models\) but 4"):
+        run_protection(ProtectArguments(method=method),
+                       DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=NUM_TRAIN, max_eval_samples=10),
+                       SourceTrainingConfig(), RunArguments(output_dir=str(tmp_path), preset="paper"), accelerator,
+                       [SEPArguments(steps=1, checkpoints=str(tiny_source_run))])
+    assert SEPConfig(method=method, steps=30).gradient_evaluations(expected) == 30 * 30
+    source = SourceTrainingConfig()
+    apply_preset("paper", source)
+    assert source.num_checkpoints >= expected

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.data import quantize
+from sep_hf.eot import splitmix64
 from sep_hf.protections import register_protection
 from sep_hf.protections.base import ProtectionTransform, config_hash
-from sep_hf.protections.sep import splitmix64
 
 __all__ = ["CUDAConfig", "CUDAArguments", "CUDATransform", "cuda_filters", "apply_cuda", "cuda_selected",
            "key_fingerprint", "resolve_cuda_key", "KEY_ENV"]
@@ -61,6 +61,8 @@ class CUDAConfig:
     # Named for what it does: the filtered image keeps its colours (it is not a grayscale image).
     shared_kernel: bool = field(default=True, metadata={"help": "One kernel shared by R, G and B (False: one per channel)."})
     mix: float = field(default=1.0, metadata={"help": "Fraction of the images that are filtered."})
+    # The official code's `grayscale` option: the filtered image's channels are averaged (a grey image).
+    average_channels: bool = field(default=False, metadata={"help": "Replace every filtered channel by their mean."})
 
     def __post_init__(self):
         if not self.blur >= 0:
@@ -83,9 +85,11 @@ class CUDAArguments:
     cuda_kernel_size: int | None = field(default=None, metadata={"help": "Filter size, odd (default 3)."})
     cuda_shared_kernel: bool | None = field(default=None, metadata={"help": "Same kernel on R, G and B (default true; false: one kernel per channel)."})
     cuda_mix: float | None = field(default=None, metadata={"help": "Fraction of images filtered, picked from key and index (default 1.0)."})
+    cuda_average_channels: bool | None = field(default=None, metadata={"help": "The official code's grayscale variant: every output channel is the mean of the filtered channels, so the published images are grey (default false)."})
 
     def config(self) -> CUDAConfig:
-        values = {name: getattr(self, f"cuda_{name}") for name in ("blur", "kernel_size", "shared_kernel", "mix")}
+        values = {name: getattr(self, f"cuda_{name}")
+                  for name in ("blur", "kernel_size", "shared_kernel", "mix", "average_channels")}
         return CUDAConfig(**{name: value for name, value in values.items() if value is not None})
 
 
@@ -161,8 +165,11 @@ def _selection(seed: int, indices: torch.Tensor, mix: float) -> torch.Tensor:
 
 
 def apply_cuda(images: torch.Tensor, labels: torch.Tensor, filters: torch.Tensor,
-               selected: torch.Tensor | None = None) -> torch.Tensor:
+               selected: torch.Tensor | None = None, average_channels: bool = False) -> torch.Tensor:
     """Filter each image (N, C, H, W) in [0, 1] with its class's filter, rescale by its maximum, round to uint8.
+
+    ``average_channels``: the filtered channels are replaced by their mean before the rescale (the
+    official code's ``grayscale`` option).
 
     One grouped convolution over the whole batch (group = image x channel, each picking its class's
     kernel), so there is no per-image Python loop. ``selected`` (bool, N) leaves the others unchanged.
@@ -182,6 +189,8 @@ def apply_cuda(images: torch.Tensor, labels: torch.Tensor, filters: torch.Tensor
     weights = filters.to(images.device)[labels.to(images.device)].expand(n, channels, k, k)
     filtered = F.conv2d(images.reshape(1, n * channels, height, width), weights.reshape(n * channels, 1, k, k),
                         padding=k // 2, groups=n * channels).view(n, channels, height, width)
+    if average_channels:
+        filtered = filtered.mean(1, keepdim=True).expand_as(filtered)
     # Weights are >= 0, so the maximum is the image's brightest output; a black image stays black.
     peak = filtered.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
     out = quantize(filtered / peak).float().div_(255.0)
@@ -212,7 +221,7 @@ class CUDATransform(ProtectionTransform):
 
     def protect(self, images, labels, indices):
         selected = None if self.config.mix >= 1 else _selection(self._selection_seed, indices, self.config.mix)
-        return apply_cuda(images, labels, self.filters, selected)
+        return apply_cuda(images, labels, self.filters, selected, self.config.average_channels)
 
     def fingerprint(self) -> str:
         return config_hash("cuda", asdict(self.config), self.num_classes, self.key_fingerprint)

@@ -94,11 +94,14 @@ class SEPArguments:
         "paper": {"steps": 30, "step_size": 1.0},
         "cpu": {"steps": 10, "step_size": 2.0},
     }
+    # Equal compute per step, as in the paper: SEP and SEP-FA with 30 checkpoints, SEP-FA-VR with 15
+    # checkpoints + 15 inner steps (30 gradient evaluations each; the paper source keeps 30).
+    PAPER_NUM_MODELS: ClassVar[dict] = {"sep": 30, "sep-fa": 30, "sep-fa-vr": 15}
 
     steps: int | None = field(default=None, metadata={"help": "Crafting steps T (preset: paper 30, cpu 10)."})
     step_size: float | None = field(default=None, metadata={"help": "Step size alpha in 1/255 units (preset: paper 1, cpu 2)."})
     vr_steps: int | None = field(default=None, metadata={"help": "SEP-FA-VR inner steps M (default: the ensemble size)."})
-    num_models: int | None = field(default=None, metadata={"help": "Checkpoints K in the ensemble, evenly spaced (default: all of the source run; the run trained here keeps --num_checkpoints: paper 15, cpu 6)."})
+    num_models: int | None = field(default=None, metadata={"help": "Checkpoints K in the ensemble, evenly spaced (preset paper: 30 for sep and sep-fa, 15 for sep-fa-vr, equal compute; otherwise all of the source run, the run trained here keeps --num_checkpoints: paper 30, cpu 6)."})
     checkpoints: str | None = field(default=None, metadata={"help": "Source run folder or Hub model repo; none: train one first."})
     checkpoints_revision: str | None = field(default=None, metadata={"help": "Revision of --checkpoints on the Hub."})
 
@@ -266,7 +269,10 @@ class SEPTransform(ProtectionTransform):
     def from_arguments(cls, context, name: str) -> "SEPTransform":
         args = context.arguments(SEPArguments)
         config = cls.config_from(context, name)
-        ensemble = context.ensemble(args.checkpoints, args.checkpoints_revision, args.num_models)
+        num_models = args.num_models
+        if num_models is None and context.run_args.preset == "paper":
+            num_models = SEPArguments.PAPER_NUM_MODELS[config.method]
+        ensemble = context.ensemble(args.checkpoints, args.checkpoints_revision, num_models)
         class_means = None
         if config.uses_features:
             images, labels = context.train_tensors
