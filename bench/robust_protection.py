@@ -45,6 +45,10 @@ CANDIDATES = {
     "jpeg-source-eot-luma-block2": {"source_defense": "jpeg", "craft_transforms": VIEWS, "perturbation_block": 2,
                                     "shared_channels": True},
     "at-source": {"source_defense": "at", "craft_transforms": "none"},
+    # idea 4: a model-free class-wise component (+-pattern on 4x4 blocks, every channel) and SEP in the rest
+    "classwise": {"craft_transforms": "none", "classwise_share": 1.0},
+    "classwise-half": {"craft_transforms": "none", "classwise_share": 0.5},
+    "classwise-half-eot": {"craft_transforms": VIEWS, "classwise_share": 0.5},
 }
 SCREEN_COLUMNS = ["none", "jpeg", "jpeg50", "grayscale", "bitdepth", "blur", "augment"]
 REFERENCES = ("sep-fa-vr", "sep-fa", "cuda")

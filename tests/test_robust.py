@@ -193,3 +193,22 @@ def test_source_trained_through_a_defense_uses_its_hooks(cifar_small, accelerato
         train_source(tiny_source_config(epochs=1, defense="jpeg"), data, tmp_path / "x", accelerator,
                      defense=build_defense("at", ()))
     assert len(defense_arguments()) >= 3
+
+
+def test_classwise_share_moves_every_image_of_a_class_by_its_pattern(tiny_ensemble, batch, means):
+    from sep_hf.protections.sep import classwise_patterns
+
+    images, labels = batch
+    whole = SEPConfig(method="sep-fa", steps=2, step_size=2 / 255, classwise_share=1.0, classwise_block=4)
+    protected = craft_sep(images, labels, tiny_ensemble, whole, class_means=means)
+    patterns = classwise_patterns(0, 10, (32, 32), 4)
+    delta = quantize(protected).int() - quantize(images).int()
+    assert torch.equal(delta, (8 * patterns[labels]).int().expand_as(delta)), "share 1: the pattern alone, all 8 levels"
+    assert not torch.equal(patterns[0], patterns[1]) and torch.equal(patterns, classwise_patterns(0, 10, (32, 32), 4))
+
+    half = SEPConfig(method="sep-fa", steps=3, step_size=2 / 255, classwise_share=0.5)
+    protected = craft_sep(images, labels, tiny_ensemble, half, class_means=means)
+    delta = quantize(protected).int() - quantize(images).int()
+    assert delta.abs().max() <= 8
+    rest = delta - (4 * patterns[labels]).int()
+    assert rest.abs().max() <= 4 and rest.abs().float().mean() > 1, "SEP crafts within the other half"

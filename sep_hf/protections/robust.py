@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from sep_hf.eot import parse_views
 from sep_hf.protections import register_protection
-from sep_hf.protections.sep import METHODS, SEPConfig, SEPTransform
+from sep_hf.protections.sep import METHODS, SEPConfig, SEPTransform, classwise_levels
 
 __all__ = ["RobustArguments", "SEPRobustTransform", "VIEW_DEFENSES"]
 
@@ -42,6 +42,8 @@ class RobustArguments:
     eot_samples: int = field(default=1, metadata={"help": "--method sep-robust: view draws per checkpoint gradient."})
     perturbation_block: int = field(default=1, metadata={"help": "--method sep-robust: perturbation constant over BxB pixel blocks (1: per pixel)."})
     shared_channels: bool = field(default=False, metadata={"help": "--method sep-robust: one perturbation for every colour channel (luma only)."})
+    classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
+    classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
 
     def __post_init__(self):
         if self.robust_base not in METHODS:
@@ -61,6 +63,8 @@ class SEPRobustTransform(SEPTransform):
         config.eot_samples = robust.eot_samples
         config.perturbation_block = robust.perturbation_block
         config.shared_channels = robust.shared_channels
+        config.classwise_share = robust.classwise_share
+        config.classwise_block = robust.classwise_block
         config.__post_init__()
         return config
 
@@ -69,7 +73,8 @@ class SEPRobustTransform(SEPTransform):
         crafted_against = sorted({VIEW_DEFENSES[view] for view in config.craft_transforms} | {"none"})
         return {**super().describe(), "base_method": config.method, "craft_transforms": list(config.craft_transforms),
                 "eot_samples": config.eot_samples, "perturbation_block": config.perturbation_block,
-                "shared_channels": config.shared_channels, "crafted_against": crafted_against}
+                "shared_channels": config.shared_channels, "classwise_share": config.classwise_share,
+                "classwise_block": config.classwise_block, "crafted_against": crafted_against}
 
     def card_lines(self, results: dict) -> list[str]:
         config = self.config
@@ -77,6 +82,10 @@ class SEPRobustTransform(SEPTransform):
             if config.perturbation_block > 1 else []
         space += ["shared by the colour channels"] if config.shared_channels else []
         views = ", ".join(config.craft_transforms) or "none"
-        return [*super().card_lines(results),
-                f"- robust crafting on `{config.method}`: loss averaged over random views ({views}; "
-                f"{config.eot_samples} per checkpoint gradient); perturbation {', '.join(space) or 'per pixel'}"]
+        lines = [*super().card_lines(results),
+                 f"- robust crafting on `{config.method}`: loss averaged over random views ({views}; "
+                 f"{config.eot_samples} per checkpoint gradient); perturbation {', '.join(space) or 'per pixel'}"]
+        if config.classwise_share > 0:
+            lines.append(f"- class-wise component: {classwise_levels(config)}/255 of the budget is one fixed +-pattern per "
+                         f"class ({config.classwise_block}x{config.classwise_block} blocks, the same on every channel)")
+        return lines

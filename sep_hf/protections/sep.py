@@ -59,6 +59,8 @@ class SEPConfig:
     eot_samples: int = field(default=1, metadata={"help": "View draws per checkpoint gradient."})
     perturbation_block: int = field(default=1, metadata={"help": "Perturbation constant over BxB pixel blocks."})
     shared_channels: bool = field(default=False, metadata={"help": "One perturbation for all colour channels (luma only)."})
+    classwise_share: float = field(default=0.0, metadata={"help": "Share of eps taken by a class-wise +-pattern (model-free)."})
+    classwise_block: int = field(default=4, metadata={"help": "The class-wise pattern is constant over BxB blocks."})
 
     def __post_init__(self):
         views = self.craft_transforms
@@ -71,6 +73,9 @@ class SEPConfig:
             raise ValueError(f"steps and step_size must be positive (got {self.steps}, {self.step_size}).")
         if self.vr_steps is not None and self.vr_steps <= 0:
             raise ValueError(f"vr_steps must be positive, got {self.vr_steps}.")
+        if not 0 <= self.classwise_share <= 1 or self.classwise_block < 1:
+            raise ValueError(f"classwise_share must be in [0, 1] and classwise_block >= 1, got {self.classwise_share}, "
+                             f"{self.classwise_block}.")
         if self.eot_samples < 1 or self.perturbation_block < 1:
             raise ValueError(f"eot_samples and perturbation_block must be >= 1, got {self.eot_samples}, {self.perturbation_block}.")
 
@@ -156,7 +161,7 @@ def _lowpass(direction: torch.Tensor, config: SEPConfig) -> torch.Tensor:
     return lowpass_direction(direction, config.perturbation_block, config.shared_channels)
 
 
-def _vr_direction(ensemble, x, original, target, class_means, config: SEPConfig, picks: torch.Tensor,
+def _vr_direction(ensemble, x, center, eps: float, target, class_means, config: SEPConfig, picks: torch.Tensor,
                   keys) -> torch.Tensor:
     """SEP-FA-VR's outer direction: M inner steps along variance-reduced gradients, accumulated.
 
@@ -175,7 +180,7 @@ def _vr_direction(ensemble, x, original, target, class_means, config: SEPConfig,
             direction[chosen] = _view_grad(ensemble, k, inner[chosen], target[chosen], class_means, config,
                                            None if inner_keys is None else inner_keys[chosen])
         accumulated += direction - (per_model[picks[:, m], rows] - mean_grad)
-        inner = sign_step(inner, _lowpass(accumulated, config), original, config.eps, config.step_size)
+        inner = sign_step(inner, _lowpass(accumulated, config), center, eps, config.step_size)
     return accumulated
 
 
@@ -218,13 +223,39 @@ def craft_sep(
     def direction(x: torch.Tensor, step: int) -> torch.Tensor:
         if config.method == "sep-fa-vr":
             picks = vr_picks(indices, config.seed, step, config.vr_steps or K, K)
-            return _lowpass(_vr_direction(ensemble, x, original, target, class_means, config, picks, keys(step)), config)
+            return _lowpass(_vr_direction(ensemble, x, center, eps, target, class_means, config, picks, keys(step)), config)
         step_keys = keys(step)
         return _lowpass(sum(_view_grad(ensemble, k, x, target, class_means, config, step_keys(k)) for k in range(K)),
                         config)
 
-    protected = pgd(direction, original, config.eps, config.step_size, config.steps)
+    # The class-wise share (sep-robust) moves every image of a class by one fixed pattern; SEP
+    # crafts within the rest of the budget around it.
+    center, eps = original, config.eps
+    if config.classwise_share > 0:
+        center, eps = classwise_shift(original, labels, ensemble.num_classes, config)
+    protected = pgd(direction, center, eps, config.step_size, config.steps) if eps > 0 else center
     return budget_clamp(protected, original, config.eps)
+
+
+def classwise_levels(config: SEPConfig) -> int:
+    """Whole 1/255 levels of the budget the class-wise pattern takes."""
+    return int(round(config.classwise_share * config.eps * 255))
+
+
+def classwise_patterns(seed: int, num_classes: int, shape, block: int) -> torch.Tensor:
+    """(num_classes, 1, H, W) patterns of +-1, constant over block x block pixels, one per class, from the seed."""
+    height, width = shape
+    generator = torch.Generator().manual_seed(int(draw_keys(torch.tensor([0x5EB]), seed)[0]) & ((1 << 62) - 1))
+    grid = torch.randint(0, 2, (num_classes, 1, -(-height // block), -(-width // block)), generator=generator) * 2 - 1
+    return grid.float().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :height, :width]
+
+
+def classwise_shift(original: torch.Tensor, labels: torch.Tensor, num_classes: int, config: SEPConfig):
+    """(images moved by their class's pattern, the budget left for SEP)."""
+    levels = classwise_levels(config)
+    patterns = classwise_patterns(config.seed, num_classes, original.shape[-2:], config.classwise_block).to(original.device)
+    shifted = (original + levels / 255 * patterns[labels]).clamp(0, 1)  # the same pattern on every channel
+    return shifted, max(0.0, config.eps - levels / 255)
 
 
 @register_protection(*METHODS)
