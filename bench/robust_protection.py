@@ -45,6 +45,7 @@ CANDIDATES = {
     "jpeg-source-eot-luma-block2": {"source_defense": "jpeg", "craft_transforms": VIEWS, "perturbation_block": 2,
                                     "shared_channels": True},
     "at-source": {"source_defense": "at", "craft_transforms": "none"},
+    "at-source-eot": {"source_defense": "at", "craft_transforms": VIEWS},
     # idea 4: a model-free class-wise component (+-pattern on 4x4 blocks, every channel) and SEP in the rest
     "classwise": {"craft_transforms": "none", "classwise_share": 1.0},
     "classwise-half": {"craft_transforms": "none", "classwise_share": 0.5},
@@ -124,6 +125,9 @@ def main():
     parser.add_argument("--checkpoints", default=None, help="Source checkpoints (default: RUNS_DIR/source-cpu).")
     parser.add_argument("--runs_dir", default=None, help="Runs folder (default: bench/runs).")
     parser.add_argument("--report_only", action="store_true", help="Craft and train nothing; report finished runs.")
+    parser.add_argument("--promote", default=None, metavar="NAME",
+                        help="Link candidate NAME's runs as the matrix's sep-robust row (its flags must be sep-robust's "
+                             "defaults), then stop: `protection_matrix.py --protections sep-robust` reuses them.")
     args = parser.parse_args()
     for flag in ("max_train_samples", "max_eval_samples", "epochs"):
         setattr(args, flag, None)  # the matrix's protocol, always
@@ -132,6 +136,9 @@ def main():
     unknown = sorted(set(args.candidates) - set(CANDIDATES)) + sorted(set(args.defenses) - set(matrix.columns()))
     if unknown:
         raise SystemExit(f"Unknown candidates or columns {unknown}.")
+    if args.promote:
+        promote(args.promote, args.eps, args.model)
+        return
     all_columns = list(matrix.columns())
     previous = read_json(common.RESULTS_DIR / f"{NAME}.json") if (common.RESULTS_DIR / f"{NAME}.json").exists() else {}
     reference_matrix = read_json(common.RESULTS_DIR / "protection_matrix.json")
@@ -163,6 +170,30 @@ def main():
         write(results, reference_matrix, all_columns, command)
     write(results, reference_matrix, all_columns, command)
     sys.exit(1 if failed else 0)
+
+
+def promote(name: str, eps: float, model: str) -> None:
+    """Link a finished candidate's crafting and victims under the names the matrix gives the sep-robust row."""
+    from dataclasses import asdict
+
+    from sep_hf.protections.robust import RobustArguments
+
+    defaults = {key: value for key, value in asdict(RobustArguments()).items() if key != "robust_base"}
+    flags = {**{key: value for key, value in defaults.items()}, **CANDIDATES[name]}
+    if "source_defense" in flags or any(str(flags[key]) != str(value) for key, value in defaults.items()):
+        raise SystemExit(f"Candidate {name}'s flags {CANDIDATES[name]} are not sep-robust's defaults {defaults}: "
+                         "change RobustArguments first.")
+    links = {matrix.RUNS_DIR / f"protect-sep-robust-eps{eps:g}": matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}"}
+    for column in matrix.columns():
+        row_dir = matrix.victim_dir("sep-robust", column, eps, model)
+        links[row_dir] = matrix.victim_dir("sep-robust", column, eps, model, data_name=f"robust-{name}-eps{eps:g}")
+    for link, target in links.items():
+        if target.exists() and not link.exists():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+            print(f"{link.name} -> {target.name}")
+    # the README shows the shipped setting's images: clean row, protected row, perturbation row
+    grid = matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}" / "dataset" / "sample_grid.png"
+    (common.RESULTS_DIR / f"{NAME}_samples.png").write_bytes(grid.read_bytes())
 
 
 def write(results: dict, reference_matrix: dict, columns: list[str], command: str) -> None:
