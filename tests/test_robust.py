@@ -88,8 +88,8 @@ def test_lowpass_direction_is_block_constant_and_channel_shared():
 @pytest.mark.parametrize("method", ["sep-fa", "sep-fa-vr"])
 def test_robust_crafting_budget_space_determinism_and_batch_split(tiny_ensemble, batch, means, method):
     images, labels = batch
-    config = SEPConfig(method=method, steps=3, step_size=4 / 255, craft_transforms=ALL_VIEWS, perturbation_block=2,
-                       shared_channels=True, eot_samples=2)
+    config = SEPConfig(method=method, steps=2, step_size=4 / 255, craft_transforms=ALL_VIEWS, perturbation_block=2,
+                       shared_channels=True, eot_samples=2 if method == "sep-fa" else 1)
     indices = torch.arange(500, 524)
     protected = craft_sep(images, labels, tiny_ensemble, config, indices=indices, class_means=means)
     delta = quantize(protected).int() - quantize(images).int()
@@ -98,11 +98,10 @@ def test_robust_crafting_budget_space_determinism_and_batch_split(tiny_ensemble,
     assert torch.equal(delta[:, 0], delta[:, 1]) and torch.equal(delta[:, 1], delta[:, 2]), "channels not shared"
     blocks = delta.unfold(2, 2, 2).unfold(3, 2, 2)
     assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks)), "not constant over 2x2 blocks"
-    assert torch.equal(protected, craft_sep(images, labels, tiny_ensemble, config, indices=indices, class_means=means))
     halves = torch.cat([craft_sep(images[:10], labels[:10], tiny_ensemble, config, indices=indices[:10], class_means=means),
                         craft_sep(images[10:], labels[10:], tiny_ensemble, config, indices=indices[10:], class_means=means)])
-    assert torch.equal(protected, halves), "a process's share of the batch changed the output"
-    plain = craft_sep(images, labels, tiny_ensemble, SEPConfig(method=method, steps=3, step_size=4 / 255),
+    assert torch.equal(protected, halves), "a process's share of the batch (or a rerun) changed the output"
+    plain = craft_sep(images, labels, tiny_ensemble, SEPConfig(method=method, steps=2, step_size=4 / 255),
                       indices=indices, class_means=means)
     assert not torch.equal(protected, plain)
 
