@@ -1,13 +1,15 @@
 """SEP effectiveness at CPU scale: victim accuracy after training on SEP / SEP-FA / SEP-FA-VR data.
 
     python bench/source_cpu.py            # first: the K=6 checkpoints in bench/runs/source-cpu
-    python bench/sep_effectiveness.py [--methods sep sep-fa sep-fa-vr] [--eps 8]
+    python bench/sep_effectiveness.py [--methods sep sep-fa sep-fa-vr] [--eps 8] [--equal_compute]
 
 First 10,000 CIFAR-10 training images protected with the `cpu` source run's 6 checkpoints, T=10
 steps of 1/255, eps 8/255; a victim (small net, the same recipe as the source, transformers
 Trainer) is trained on them and evaluated on the first 2,000 clean test images, next to a victim
 trained on the clean images. Target (issue 4): every variant <= 20% while clean >= 78%.
-Finished runs are reused (delete bench/runs/<name> to redo one).
+Finished runs are reused (delete bench/runs/<name> to redo one). ``--equal_compute`` compares the
+variants at equal cost, as the paper does: SEP-FA-VR with K/2 checkpoints + K/2 inner steps (T K
+gradient evaluations per image, like SEP and SEP-FA with K checkpoints).
 """
 
 import argparse
@@ -49,35 +51,41 @@ def main():
     parser.add_argument("--step_size", type=float, default=None, help="alpha in 1/255 units (default: the cpu preset's)")
     parser.add_argument("--dataset", default=str(SHARED_CIFAR10))
     parser.add_argument("--checkpoints", default=str(RUNS_DIR / "source-cpu"))
+    parser.add_argument("--equal_compute", action="store_true", help="SEP-FA-VR with K/2 checkpoints + K/2 inner steps.")
     args = parser.parse_args()
+    half = len(read_json(Path(args.checkpoints) / "results.json")["checkpoints"]) // 2
 
     clean = victim("clean", args.dataset, args.dataset)
     rows = [["clean", "-", "-", "-", "-", f"{clean['eval_accuracy']:.4f}", f"{clean['train_seconds']:.0f}"]]
     runs = {"clean": {"eval_accuracy": clean["eval_accuracy"], "victim_train_seconds": clean["train_seconds"]}}
     for method in args.methods:
-        dataset, protection = protect(method, args.eps, args.checkpoints, args.dataset, args.step_size)
+        flags = {"num_models": half, "vr_steps": half} if args.equal_compute and method == "sep-fa-vr" else {}
+        name = f"{method}-k{half}m{half}" if flags else method
+        dataset, protection = protect(method, args.eps, args.checkpoints, args.dataset, args.step_size, flags=flags,
+                                      name=name)
         suffix = "" if args.step_size is None else f"-alpha{args.step_size:g}"
-        result = victim(f"{method}-eps{args.eps:g}{suffix}", dataset, args.dataset)
+        result = victim(f"{name}-eps{args.eps:g}{suffix}", dataset, args.dataset)
         craft = protection["wall_seconds"]["crafting"] + protection["wall_seconds"].get("preparation", protection["wall_seconds"].get("class_means", 0.0))
         count = protection["counts"]["train"]
         grads = protection.get("gradient_evaluations_per_image", "-")  # T K, or T (K + M) for SEP-FA-VR
-        runs[method] = {"eval_accuracy": result["eval_accuracy"], "crafting_seconds": craft,
+        runs[name] = {"eval_accuracy": result["eval_accuracy"], "crafting_seconds": craft,
                         "gradient_evaluations_per_image": grads,
                         "images_per_second": count / craft, "max_linf": protection["max_linf"],
                         "mean_psnr": protection["mean_psnr"], "victim_train_seconds": result["train_seconds"],
                         "history": [row["eval_accuracy"] for row in result["history"]]}
-        rows.append([method, protection["max_linf"], f"{protection['mean_psnr']:.1f}", grads, f"{craft:.0f}",
+        rows.append([name, protection["max_linf"], f"{protection['mean_psnr']:.1f}", grads, f"{craft:.0f}",
                      f"{result['eval_accuracy']:.4f}", f"{result['train_seconds']:.0f}"])
     table = markdown_table(["training data", "max L-inf (1/255)", "PSNR dB", "gradient evaluations / image",
                             "crafting s", "victim clean test acc",
                             "victim train s"], rows)
-    protected = [runs[m]["eval_accuracy"] for m in args.methods]
-    suffix = "" if args.step_size is None else f"_alpha{args.step_size:g}"
+    protected = [run["eval_accuracy"] for name, run in runs.items() if name != "clean"]
+    suffix = ("" if args.step_size is None else f"_alpha{args.step_size:g}") + ("_equal_compute" if args.equal_compute else "")
     write_results(f"sep_effectiveness_cpu_eps{args.eps:g}{suffix}", {
         "setup": {"train_images": 10_000, "test_images": 2_000, "source": "smallnet_cifar, preset cpu, K=6",
                   "steps": 10, "step_size": f"{args.step_size or 2:g}/255", "eps": f"{args.eps:g}/255", "victim": "smallnet_cifar, preset cpu, Trainer"},
         "commands": ["python bench/source_cpu.py", "python bench/sep_effectiveness.py " + " ".join(
-            ["--methods", *args.methods, "--eps", f"{args.eps:g}"] + ([] if args.step_size is None else ["--step_size", f"{args.step_size:g}"]))],
+            ["--methods", *args.methods, "--eps", f"{args.eps:g}"] + ([] if args.step_size is None else ["--step_size", f"{args.step_size:g}"])
+            + (["--equal_compute"] if args.equal_compute else []))],
         "runs": runs,
         "targets": {"protected_max": 0.20, "clean_min": 0.78},
         "met": {"protected": all(a <= 0.20 for a in protected), "clean": clean["eval_accuracy"] >= 0.78},
