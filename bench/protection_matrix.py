@@ -196,7 +196,9 @@ def _fmt(cell: dict | None) -> str:
 def _minutes(cell: dict | None) -> str:
     if cell is None or "error" in cell:
         return "-"
-    seconds = cell["wall_seconds"] if cell.get("wall_seconds") is not None else cell["train_seconds"]
+    seconds = cell["wall_seconds"] if cell.get("wall_seconds") is not None else cell.get("train_seconds")
+    if seconds is None:  # promoted from another benchmark's record, which keeps accuracies only
+        return "?" + ("p" if cell.get("machine", CURRENT_CPU) != CURRENT_CPU else "")
     return (f"{seconds / 60:.1f}" + ("" if cell.get("wall_seconds") is not None else "*")
             + ("p" if cell.get("machine", CURRENT_CPU) != CURRENT_CPU else ""))
 
@@ -308,7 +310,8 @@ def report(args, rows: list[str], defenses: list[str], cells: dict, crafting: di
                                      [["(lowest accuracy)", *(f"{best[d]['protection']} ({best[d]['eval_accuracy']:.4f})"
                                                               if d in best else "-" for d in defenses)]])
     table += "\n\nWall minutes per cell (`*`: train seconds only, victim reused from an earlier benchmark; " \
-             "`p`: measured on another machine, named in the cell's `machine`):\n\n"
+             "`p`: measured on another machine, named in the cell's `machine`; `?`: promoted from " \
+             "bench/results/robust_protection.json, which keeps accuracies only):\n\n"
     table += markdown_table(["training data \\ defense", *defenses],
                             [[row, *(_minutes(cells.get(row, {}).get(d)) for d in defenses)] for row in rows])
     sizes = f"{args.max_train_samples or 10_000} train / {args.max_eval_samples or 2_000} test"

@@ -17,6 +17,7 @@ bench/results/robust_protection.{json,md,png}.
 """
 
 import argparse
+import json
 import sys
 import time
 
@@ -50,6 +51,10 @@ CANDIDATES = {
     "classwise": {"craft_transforms": "none", "classwise_share": 1.0},
     "classwise-half": {"craft_transforms": "none", "classwise_share": 0.5},
     "classwise-half-eot": {"craft_transforms": VIEWS, "classwise_share": 0.5},
+    # 8x8 blocks line up with JPEG's blocks: the pattern lives in the luma DC coefficients, which JPEG-10
+    # quantizes in steps of 80 (DCT units) against the pattern's +-64, so it survives as a dither
+    "classwise-b8": {"craft_transforms": "none", "classwise_share": 1.0, "classwise_block": 8},
+    "classwise-b8-half": {"craft_transforms": "none", "classwise_share": 0.5, "classwise_block": 8},
 }
 SCREEN_COLUMNS = ["none", "jpeg", "jpeg50", "grayscale", "bitdepth", "blur", "augment"]
 REFERENCES = ("sep-fa-vr", "sep-fa", "cuda")
@@ -183,6 +188,9 @@ def promote(name: str, eps: float, model: str) -> None:
     if "source_defense" in flags or any(str(flags[key]) != str(value) for key, value in defaults.items()):
         raise SystemExit(f"Candidate {name}'s flags {CANDIDATES[name]} are not sep-robust's defaults {defaults}: "
                          "change RobustArguments first.")
+    if not (matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}").exists():
+        promote_recorded(name)  # measured on an earlier machine: its folders are gone, its figures are not
+        return
     links = {matrix.RUNS_DIR / f"protect-sep-robust-eps{eps:g}": matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}"}
     for column in matrix.columns():
         row_dir = matrix.victim_dir("sep-robust", column, eps, model)
@@ -194,6 +202,28 @@ def promote(name: str, eps: float, model: str) -> None:
     # the README shows the shipped setting's images: clean row, protected row, perturbation row
     grid = matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}" / "dataset" / "sample_grid.png"
     (common.RESULTS_DIR / f"{NAME}_samples.png").write_bytes(grid.read_bytes())
+
+
+def promote_recorded(name: str) -> None:
+    """Copy a candidate's recorded cells into protection_matrix.json as the sep-robust row, each cell marked
+    with where it comes from; `protection_matrix.py --report_only` then rebuilds the tables and the card's file."""
+    candidate = next((item for item in read_json(common.RESULTS_DIR / f"{NAME}.json")["candidates"]
+                      if item["name"] == name), None)
+    if candidate is None:
+        raise SystemExit(f"Candidate {name} has neither run folders nor a record in {NAME}.json: run it first.")
+    path = common.RESULTS_DIR / f"{matrix.NAME}.json"
+    measured = read_json(path)
+    source = f"bench/results/{NAME}.json, candidate {name}"
+    machine = candidate.get("machine", "AMD EPYC")
+    measured["cells"]["sep-robust"] = {column: {"eval_accuracy": accuracy, "promoted_from": source, "machine": machine}
+                                       for column, accuracy in candidate["cells"].items()}
+    columns = matrix.columns()
+    measured["crafting"]["sep-robust"] = {
+        "mean_psnr": candidate["mean_psnr"], "crafting_seconds": candidate.get("crafting_seconds"), "eps": 8,
+        "crafted_against": sorted({columns[d][0] for d in columns if d not in candidate["held_out"]}),
+        "promoted_from": source}
+    path.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
+    print(f"sep-robust row <- {source}; now run: python bench/protection_matrix.py --report_only")
 
 
 def write(results: dict, reference_matrix: dict, columns: list[str], command: str) -> None:

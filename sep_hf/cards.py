@@ -203,7 +203,8 @@ def measured_matrix_section(method: str, eps: int | None, preset: str, path: Pat
     lines += [f"| {column} | {accuracy:.4f} | {clean[column]:.4f} |" if column in clean else
               f"| {column} | {accuracy:.4f} | - |" for column, accuracy in row["cells"].items()]
     defeated = ", ".join(f"`{name}`" for name in row.get("defeated_by", [])) or "none of the measured trainings"
-    missing = f" Not measured: {', '.join(row['missing_defenses'])}." if row.get("missing_defenses") else ""
+    missing = (f" Not measured: {', '.join(row['missing_defenses'])}, so the floor is a lower bound: an unmeasured "
+               "training may reach more." if row.get("missing_defenses") else "")
     return (f"Measured at the **{measured['scale']}** (on {', '.join(measured.get('machines', []))}), not at "
             f"this dataset's scale.\n\n" + "\n".join(lines) + "\n\n"
             f"**Protection floor** (the best accuracy an appropriator reaches over these trainings): "
