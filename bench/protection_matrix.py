@@ -26,6 +26,8 @@ every row, and the per-method summary the dataset card shows (sep_hf/measured/pr
 import argparse
 import io
 import json
+import os
+import secrets
 import sys
 import time
 from dataclasses import asdict
@@ -381,6 +383,8 @@ def main():
         if method != "clean" and method not in list_protections() and "+" not in method:
             raise SystemExit(f"Unknown protection in row '{row}'; choose from clean, {', '.join(list_protections())}.")
     command = "python bench/protection_matrix.py " + " ".join(sys.argv[1:])
+    if any(parse_row(row, args.eps)["method"] == "cuda" for row in selected) and not os.environ.get("SEP_HF_CUDA_KEY"):
+        os.environ["SEP_HF_CUDA_KEY"] = str(secrets.randbits(63))  # children inherit it; it is written nowhere
 
     cells: dict[str, dict] = {row: dict(previous.get(row, {})) for row in rows}
     for row_cells in cells.values():  # cells of the last matrix without a machine are the machine it names
@@ -393,7 +397,9 @@ def main():
         try:
             dataset, crafted_now = (args.dataset, {}) if row == "clean" else crafted(row, args)
         except RuntimeError as err:  # a method that cannot craft here: report it, keep the other rows
-            crafting[row], failed = {"error": str(err)}, True
+            print(f"{row}: crafting failed: {err}", file=sys.stderr)
+            crafting.setdefault(row, {"error": str(err)})  # an earlier record of the row stays
+            failed = True
             continue
         if "error" not in crafted_now or row not in crafting:  # --report_only keeps the previous crafting record
             crafting[row] = crafted_now
