@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import REPO_ROOT, SHARED_CIFAR10, markdown_table, write_results
+from sep_hf.runtime import fast_bf16
 
 
 def run(tree: Path, recipe: str, args: list, env: dict) -> None:
@@ -74,12 +75,13 @@ def main():
              else "DIFFERENT", len(checkpoints["base"])],
             ["SEP-FA-VR images (bf16, both trees)", f"{same_bf16} / {len(crafted['base'])} identical",
              "parquet identical" if parquet["base"] == parquet["current"] else "parquet differs"],
-            ["SEP-FA-VR images, current fp32 vs base bf16 (the switch works)", f"{same_fp32} / {len(fp32)} identical", "-"]]
+            ["SEP-FA-VR images, current fp32 vs base bf16 " + ("(the switch works: they differ)" if fast_bf16("cpu") else
+             "(no fast bf16 on this CPU: both ran fp32)"), f"{same_fp32} / {len(fp32)} identical", "-"]]
     table = markdown_table(["output", "base vs current", "detail"], rows)
     write_results("equivalence", {"base": args.base, "current": subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip(),
         "checkpoint_sha256": checkpoints, "parquet_sha256": parquet, "identical_images_bf16": same_bf16,
-        "identical_images_fp32_vs_base_bf16": same_fp32, "images": len(fp32),
+        "identical_images_fp32_vs_base_bf16": same_fp32, "images": len(fp32), "bf16_fast_here": fast_bf16("cpu"),
         "commands": {"source": source, "protect": protect}}, table)
 
 
