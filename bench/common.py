@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
@@ -32,6 +33,12 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.is_available(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def ensure_cuda_key() -> None:
+    """A random CUDA key in $SEP_HF_CUDA_KEY unless one is set: children inherit it, it is written nowhere."""
+    if not os.environ.get("SEP_HF_CUDA_KEY"):
+        os.environ["SEP_HF_CUDA_KEY"] = str(secrets.randbits(63))
 
 
 def launch(recipe: str, args: list, num_processes: int = 1, env: dict | None = None, log: Path | None = None) -> float:

@@ -23,7 +23,6 @@ Writes bench/results/other_protections_cpu.{json,md}.
 """
 
 import argparse
-import os
 import secrets
 import sys
 import time
@@ -152,8 +151,8 @@ def main():
     parser.add_argument("--results_dir", default=None, help="Results folder (default: bench/results).")
     args = parser.parse_args()
     use_folders(args.runs_dir, args.results_dir)
-    if "cuda" in args.methods and not os.environ.get("SEP_HF_CUDA_KEY"):
-        os.environ["SEP_HF_CUDA_KEY"] = str(secrets.randbits(63))  # children inherit it; it is written nowhere
+    if "cuda" in args.methods:
+        common.ensure_cuda_key()
 
     rows, runs = [], {}
     for name, label, protect_dir in (("clean", "clean", None), ("sep-fa-vr-eps8", "sep-fa-vr (eps 8)", "protect-sep-fa-vr-eps8")):

@@ -26,8 +26,6 @@ every row, and the per-method summary the dataset card shows (sep_hf/measured/pr
 import argparse
 import io
 import json
-import os
-import secrets
 import sys
 import time
 from dataclasses import asdict
@@ -383,8 +381,8 @@ def main():
         if method != "clean" and method not in list_protections() and "+" not in method:
             raise SystemExit(f"Unknown protection in row '{row}'; choose from clean, {', '.join(list_protections())}.")
     command = "python bench/protection_matrix.py " + " ".join(sys.argv[1:])
-    if any(parse_row(row, args.eps)["method"] == "cuda" for row in selected) and not os.environ.get("SEP_HF_CUDA_KEY"):
-        os.environ["SEP_HF_CUDA_KEY"] = str(secrets.randbits(63))  # children inherit it; it is written nowhere
+    if any(parse_row(row, args.eps)["method"] == "cuda" for row in selected):
+        common.ensure_cuda_key()
 
     cells: dict[str, dict] = {row: dict(previous.get(row, {})) for row in rows}
     for row_cells in cells.values():  # cells of the last matrix without a machine are the machine it names

@@ -190,7 +190,7 @@ def promote(name: str, eps: float, model: str) -> None:
         raise SystemExit(f"Candidate {name}'s flags {CANDIDATES[name]} are not sep-robust's defaults {defaults}: "
                          "change RobustArguments first.")
     if not (matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}").exists():
-        promote_recorded(name)  # measured on an earlier machine: its folders are gone, its figures are not
+        promote_recorded(name, eps)  # measured on an earlier machine: its folders are gone, its figures are not
         return
     links = {matrix.RUNS_DIR / f"protect-sep-robust-eps{eps:g}": matrix.RUNS_DIR / f"protect-robust-{name}-eps{eps:g}"}
     for column in matrix.columns():
@@ -205,22 +205,22 @@ def promote(name: str, eps: float, model: str) -> None:
     (common.RESULTS_DIR / f"{NAME}_samples.png").write_bytes(grid.read_bytes())
 
 
-def promote_recorded(name: str) -> None:
+def promote_recorded(name: str, eps: float) -> None:
     """Copy a candidate's recorded cells into protection_matrix.json as the sep-robust row, each cell marked
     with where it comes from; `protection_matrix.py --report_only` then rebuilds the tables and the card's file."""
-    candidate = next((item for item in read_json(common.RESULTS_DIR / f"{NAME}.json")["candidates"]
-                      if item["name"] == name), None)
+    recorded = read_json(common.RESULTS_DIR / f"{NAME}.json")
+    candidate = next((item for item in recorded["candidates"] if item["name"] == name), None)
     if candidate is None:
         raise SystemExit(f"Candidate {name} has neither run folders nor a record in {NAME}.json: run it first.")
     path = common.RESULTS_DIR / f"{matrix.NAME}.json"
     measured = read_json(path)
     source = f"bench/results/{NAME}.json, candidate {name}"
-    machine = candidate.get("machine", "AMD EPYC")
+    machine = recorded["machine"]["cpu"]  # the record keeps one machine: the one that wrote it
     measured["cells"]["sep-robust"] = {column: {"eval_accuracy": accuracy, "promoted_from": source, "machine": machine}
                                        for column, accuracy in candidate["cells"].items()}
     columns = matrix.columns()
     measured["crafting"]["sep-robust"] = {
-        "mean_psnr": candidate["mean_psnr"], "crafting_seconds": candidate.get("crafting_seconds"), "eps": 8,
+        "mean_psnr": candidate["mean_psnr"], "crafting_seconds": candidate.get("crafting_seconds"), "eps": eps,
         "crafted_against": sorted({columns[d][0] for d in columns if d not in candidate["held_out"]}),
         "promoted_from": source}
     path.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
