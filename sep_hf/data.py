@@ -10,11 +10,18 @@ written back, untouched, into the published PNGs.
 
 Perturbed pixels leave this module as PNG bytes quantized **by rounding** (never JPEG, never
 truncation), so a budget that holds on the float tensor still holds on the published image.
+
+Every image is decoded as ``load_dataset`` shows it (``decode_image``: the ``datasets`` decoder,
+EXIF orientation applied, 16-bit and float images scaled to 8 bits) at its own resolution. Models
+see a separate *view* (``decode_batch(size=...)``, ``model_view``): the colour channels resized to
+the models' input size; it is held in memory up to ``--keep_in_memory_mb`` and otherwise decoded
+batch by batch from the memory-mapped Arrow table (``ImageRows``), so memory does not grow with N.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +30,8 @@ from typing import ClassVar, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image as PILImage
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DATASET_ALIASES",
@@ -44,9 +53,23 @@ __all__ = [
     "encode_png",
     "tensor_to_png_images",
     "split_to_tensors",
+    "decode_image",
+    "decode_batch",
+    "SplitScan",
+    "scan_split",
+    "ImageRows",
     "DataArguments",
+    "evaluation_split",
+    "held_out_rows",
+    "model_size",
+    "model_view",
+    "colour_mode",
+    "first_rows",
+    "source_splits",
     "TrainingData",
     "load_training_data",
+    "embed_image_bytes",
+    "write_hub_layout",
 ]
 
 DATASET_ALIASES = {
@@ -230,15 +253,41 @@ def load_image_dataset(
 
 
 def _to_pil(image) -> PILImage.Image:
+    """An image as ``load_dataset`` shows it: Image-feature dicts and paths are decoded by ``datasets``
+    itself (EXIF orientation applied, hf:// paths read), PIL images and HWC arrays are taken as they are."""
     if isinstance(image, PILImage.Image):
         return image
-    if isinstance(image, dict):  # undecoded Image feature: {"bytes": ..., "path": ...}
-        if image.get("bytes") is not None:
-            return PILImage.open(io.BytesIO(image["bytes"]))
-        return PILImage.open(image["path"])
+    if isinstance(image, (dict, str)):  # undecoded Image feature: {"bytes": ..., "path": ...} or a path
+        import datasets
+
+        return datasets.Image().decode_example(image)
     if isinstance(image, np.ndarray):
         return PILImage.fromarray(image)
     raise DatasetError(f"Cannot read an image from a {type(image).__name__}.")
+
+
+def _to_8bit(image: PILImage.Image) -> PILImage.Image:
+    """Deep grey images scaled to 8 bits, so a 16-bit or float image is never published white or black.
+
+    ``I;16*`` (16-bit PNG / TIFF): level = round(v / 257). ``I`` (32-bit integer, how some decoders
+    return 16-bit files): the same when every value is in [0, 65535]. ``F`` (float): level =
+    round(255 v) when every value is in [0, 1]. Anything else is ambiguous and raises ``ValueError``.
+    """
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if low < 0 or high > 1:
+            raise ValueError(f"a float (mode F) image with values in [{low:g}, {high:g}]: only [0, 1] has one meaning; "
+                             "convert it to 8-bit (L or RGB) first")
+        scaled = values * 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"a {image.mode} image with values in [{low:g}, {high:g}], outside 16 bits; "
+                             "convert it to 8-bit (L or RGB) first")
+        scaled = values / 257.0
+    return PILImage.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8), mode="L")
 
 
 MODE_CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
@@ -319,6 +368,22 @@ def _to_rgb(image: PILImage.Image) -> PILImage.Image:
     return image.convert("RGB")
 
 
+def decode_image(image, convert=None, column: str = "image", where: str = "", row: int = 0) -> PILImage.Image:
+    """One image as ``load_dataset`` shows it, in 8 bits (``_to_8bit``), then ``convert``-ed (default: its
+    own mode of L, LA, RGB, RGBA). Any failure (not an image, truncated, a decompression bomb, an
+    ambiguous deep image) is a ``DatasetError`` naming the row, column and ``where`` (the split)."""
+    try:
+        pil = _to_pil(image)
+        pil.load()  # a truncated file fails here, not later in numpy
+        return (convert or _own_mode)(_to_8bit(pil))
+    except PILImage.DecompressionBombError as err:
+        raise DatasetError(f"The image in row {row} of column '{column}'{where} is too large to decode safely ({err}); "
+                           "downscale or drop that row.") from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image"
+        raise DatasetError(f"The image in row {row} of column '{column}'{where} cannot be decoded "
+                           f"({type(err).__name__}: {err}); fix or drop that row.") from err
+
+
 def images_to_uint8(
     images: Iterable, resize: Sequence[int] | None = None, column: str = "image", where: str = "", first_row: int = 0,
     mode: str | None = "RGB",
@@ -340,11 +405,7 @@ def images_to_uint8(
     arrays = []
     size = None
     for position, image in enumerate(images):
-        try:
-            pil = convert(_to_pil(image))
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "not an image"
-            raise DatasetError(f"The image in row {first_row + position} of column '{column}'{where} cannot be "
-                               f"decoded ({type(err).__name__}: {err}); fix or drop that row.") from err
+        pil = decode_image(image, convert, column, where, first_row + position)
         if resize is not None:
             height, width = resize
             if pil.size != (width, height):
@@ -353,8 +414,9 @@ def images_to_uint8(
             size = pil.size
         elif pil.size != size:
             raise DatasetError(
-                f"Images in column '{column}' have different sizes ({size[1]}x{size[0]} and "
-                f"{pil.size[1]}x{pil.size[0]}); pass --resize H W to resize them all."
+                f"Images in column '{column}'{where} have different sizes ({size[1]}x{size[0]} and "
+                f"{pil.size[1]}x{pil.size[0]}); pass --image_size S (models see S x S, images keep their size) "
+                "or --resize H W (every image published at H x W)."
             )
         array = np.asarray(pil, dtype=np.uint8)
         arrays.append(array[..., None] if array.ndim == 2 else array)  # L: (H, W) -> (H, W, 1)
@@ -401,48 +463,178 @@ def tensor_to_png_images(images: torch.Tensor, alpha: torch.Tensor | None = None
     return [{"bytes": encode_png(image), "path": None} for image in images.cpu()]
 
 
+def _encoded(split, columns: ImageColumns):
+    """The split with its image column left encoded, so this module decodes (and names a bad row)."""
+    import datasets
+
+    if isinstance(split.features[columns.image], datasets.Image) and split.features[columns.image].decode:
+        return split.cast_column(columns.image, datasets.Image(decode=False))
+    return split
+
+
+def _where(split) -> str:
+    return f" of split '{split.split}'" if split.split is not None else ""
+
+
+def decode_batch(values: Sequence, mode: str, size: Sequence[int] | None = None, resize: Sequence[int] | None = None,
+                 column: str = "image", where: str = "", first_row: int = 0) -> list[torch.Tensor] | torch.Tensor:
+    """Decode images (``decode_image``) into ``mode``'s channels, as uint8 tensors.
+
+    ``size=(H, W)``: the model's view: alpha dropped, each image resized with ``resize_to_model`` and
+    rounded, returned stacked (N, C, H, W). ``size=None``: a list of (C, H, W) tensors at native
+    resolution (or at ``resize``, PIL bicubic, when the user asked to publish at one size).
+    """
+    from sep_hf.models import resize_to_model
+
+    out = []
+    for position, value in enumerate(values):
+        pil = decode_image(value, None, column, where, first_row + position)
+        if resize is not None and pil.size != (resize[1], resize[0]):
+            pil = pil.resize((resize[1], resize[0]), PILImage.BICUBIC)
+        array = np.array(pil, dtype=np.uint8)  # a writable copy, as torch.from_numpy needs
+        image = convert_mode(torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1).unsqueeze(0), mode)
+        if size is not None:
+            image = split_alpha(image)[0]
+            if tuple(image.shape[-2:]) != tuple(size):
+                image = quantize(resize_to_model(uint8_to_float(image), size))
+        out.append(image[0])
+    return torch.stack(out) if size is not None and out else out
+
+
+@dataclass
+class SplitScan:
+    """What one pass over a split learned before any compute: each row's (height, width), the split's
+    mode (``union_mode`` of its images) and its labels."""
+
+    sizes: np.ndarray  # (N, 2) int: height, width
+    mode: str
+    labels: np.ndarray  # (N,) int64
+
+    @property
+    def uniform_size(self) -> tuple[int, int] | None:
+        if len(self.sizes) and (self.sizes == self.sizes[0]).all():
+            return int(self.sizes[0, 0]), int(self.sizes[0, 1])
+        return None
+
+
+def scan_split(split, columns: ImageColumns, max_samples: int | None = None, resize: Sequence[int] | None = None,
+               desc: str | None = None) -> SplitScan:
+    """Decode every image of (the first ``max_samples`` rows of) a split once, keeping only its size and mode,
+    and check every label. Memory: one batch of images.
+
+    Raises ``DatasetError`` naming the split and row for an image that does not decode (truncated,
+    a decompression bomb, not an image, an ambiguous 16-bit or float image) and for a label outside
+    the ClassLabel's range (``-1``, unlabeled, is allowed here; a protection refuses it later).
+    """
+    from tqdm.auto import tqdm
+
+    num_rows = split.num_rows if max_samples is None else min(max_samples, split.num_rows)
+    where = _where(split)
+    split = _encoded(split, columns)
+    sizes, modes, labels = np.zeros((num_rows, 2), dtype=np.int64), set(), []
+    for start in tqdm(range(0, num_rows, _DECODE_BATCH), desc=desc or "Checking images", unit="batch",
+                      disable=desc is None):
+        batch = split[start : min(start + _DECODE_BATCH, num_rows)]
+        for position, value in enumerate(batch[columns.image]):
+            pil = decode_image(value, None, columns.image, where, start + position)
+            sizes[start + position] = (resize[0], resize[1]) if resize is not None else (pil.size[1], pil.size[0])
+            modes.add(pil.mode)
+        labels.extend(batch[columns.label])
+    labels = np.asarray(labels, dtype=np.int64)
+    bad = np.nonzero((labels >= columns.num_classes) | (labels < -1))[0]
+    if len(bad):
+        raise DatasetError(f"Row {int(bad[0])}{where} has label {int(labels[bad[0]])}, outside the {columns.num_classes} "
+                           f"classes of column '{columns.label}' ({len(bad)} such rows); fix or drop those rows.")
+    return SplitScan(sizes, union_mode(modes) if modes else "RGB", labels)
+
+
 def split_to_tensors(
     split,
     columns: ImageColumns,
     max_samples: int | None = None,
     resize: Sequence[int] | None = None,
     desc: str | None = None,
+    size: Sequence[int] | None = None,
+    mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (the first ``max_samples`` rows of) a split into uint8 images and int64 labels.
 
     The images come in the split's own mode (``images_to_uint8(mode=None)``): (N, 1, H, W) for a
     grayscale split, (N, 4, H, W) for RGBA, ...; a split mixing modes gets the smallest that holds them all.
+    ``size=(H, W)`` with ``mode``: the model's view instead (``decode_batch``): colour channels of
+    ``mode`` at that size, whatever each image's own size.
     """
     from tqdm.auto import tqdm
 
     num_rows = split.num_rows if max_samples is None else min(max_samples, split.num_rows)
     if num_rows == 0:
         raise DatasetError(f"No rows to read from column '{columns.image}' (max_samples={max_samples}).")
-    import datasets
-
-    # Read the encoded bytes and decode here, so an undecodable image is reported with its row.
-    if isinstance(split.features[columns.image], datasets.Image) and split.features[columns.image].decode:
-        split = split.cast_column(columns.image, datasets.Image(decode=False))
-    where = f" of split '{split.split}'" if split.split is not None else ""
+    where = _where(split)
+    split = _encoded(split, columns)  # decode here, so an undecodable image is reported with its row
     images, labels = [], []
     for start in tqdm(range(0, num_rows, _DECODE_BATCH), desc=desc or "Decoding images", unit="batch",
                       disable=desc is None):
         batch = split[start : min(start + _DECODE_BATCH, num_rows)]
-        images.append(images_to_uint8(batch[columns.image], resize=resize, column=columns.image, where=where,
-                                      first_row=start, mode=None))
+        if size is not None:
+            images.append(decode_batch(batch[columns.image], mode, size, resize, columns.image, where, start))
+        else:
+            images.append(images_to_uint8(batch[columns.image], resize=resize, column=columns.image, where=where,
+                                          first_row=start, mode=None))
         labels.append(torch.as_tensor(batch[columns.label], dtype=torch.int64))
     sizes = sorted({tuple(chunk.shape[2:]) for chunk in images})
     if len(sizes) > 1:
         raise DatasetError(
-            f"Images in column '{columns.image}' have different sizes ({sizes[0][0]}x{sizes[0][1]} "
-            f"and {sizes[1][0]}x{sizes[1][1]}); pass --resize H W to resize them all."
+            f"Images in column '{columns.image}'{where} have different sizes ({sizes[0][0]}x{sizes[0][1]} "
+            f"and {sizes[1][0]}x{sizes[1][1]}); pass --image_size S (models see S x S, images keep their size) "
+            "or --resize H W (every image published at H x W)."
         )
     mode = union_mode(image_mode(chunk) for chunk in images)
     return torch.cat([convert_mode(chunk, mode) for chunk in images]), torch.cat(labels)
 
 
+class ImageRows:
+    """A split's images in the model's view (``decode_batch``), decoded on demand from the Arrow table.
+
+    Stands in for a uint8 tensor (N, C, H, W) where the decoded split does not fit the memory budget:
+    ``len``, ``shape``, ``dtype`` and indexing by int, slice (with step) or an index tensor, which
+    decodes just those rows. Memory: the rows asked for; the table itself is memory-mapped.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, split, columns: ImageColumns, mode: str, size: Sequence[int], resize=None,
+                 num_rows: int | None = None):
+        self.where = _where(split)
+        self.source, self.columns = split, columns
+        self.split = _encoded(split, columns).select_columns([columns.image])
+        self.column, self.mode, self.size, self.resize = columns.image, mode, tuple(size), resize
+        self.num_rows = split.num_rows if num_rows is None else num_rows
+        channels = 1 if mode.startswith("L") else 3
+        self.shape = torch.Size((self.num_rows, channels, *self.size))
+        self.device = torch.device("cpu")
+        self.fingerprint = f"{split._fingerprint}-{self.num_rows}-{mode}-{self.size}-{resize}"
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            rows = list(range(*key.indices(self.num_rows)))
+        elif isinstance(key, int):
+            return self[[key]][0]
+        else:
+            rows = torch.as_tensor(key).reshape(-1).tolist()
+        if not rows:
+            return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
+        values = self.split[rows][self.column]
+        return decode_batch(values, self.mode, self.size, self.resize, self.column, self.where, rows[0])
+
+    def to(self, *args, **kwargs):  # the rows are decoded on the host; each batch is moved by its user
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
-# whole-tensor training data
+# the models' view: which rows, which size, in memory or on demand
 
 
 @dataclass
@@ -452,52 +644,148 @@ class DataArguments:
     # cpu: the first 10k training and 2k evaluation images; paper: every image (None stays None).
     PRESETS: ClassVar[dict] = {"paper": {}, "cpu": {"max_train_samples": 10_000, "max_eval_samples": 2_000}}
 
-    dataset: str = field(default="cifar10", metadata={"help": "Hub dataset id, alias (cifar10, cifar100) or local path."})
+    dataset: str = field(default="cifar10", metadata={"help": "Hub dataset id, alias (cifar10, cifar100) or local path (Hub-layout folder, parquet file, ImageFolder tree)."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: the Image feature)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: the ClassLabel feature)."})
-    resize: list[int] | None = field(default=None, metadata={"help": "Resize every image to H W (needed for mixed sizes)."})
+    image_size: list[int] | None = field(default=None, metadata={"help": "Model input size S (or H W): models see every image resized to it (antialiased bilinear); images are protected and published at their own size. Default: the images' size when they all share one."})
+    resize: list[int] | None = field(default=None, metadata={"help": "Publish every image resized to H W (bicubic) instead of at its own size."})
     train_split: str = field(default="train", metadata={"help": "Split to train on / protect."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Clean dataset to evaluate on (default: --dataset)."})
-    eval_split: str = field(default="test", metadata={"help": "Clean split to evaluate on."})
+    eval_split: str | None = field(default=None, metadata={"help": "Clean split to evaluate on (default: 'test', else 'validation', else --validation_split_percentage of the training split, held out)."})
+    validation_split_percentage: float = field(default=10.0, metadata={"help": "Percent of the training split held out for evaluation when the dataset has no test or validation split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    keep_in_memory_mb: float = field(default=4096, metadata={"help": "Decoded model-size images up to this many MiB are held in memory (fastest); larger data are decoded batch by batch from the dataset."})
 
     def __post_init__(self):
-        if self.resize is not None and len(self.resize) == 1:
-            self.resize = [self.resize[0], self.resize[0]]
-        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) <= 0):
-            raise DatasetError(f"--resize takes H W (positive), got {self.resize}.")
+        for name in ("resize", "image_size"):
+            value = getattr(self, name)
+            if value is not None and len(value) == 1:
+                value = [value[0], value[0]]
+                setattr(self, name, value)
+            if value is not None and (len(value) != 2 or min(value) <= 0):
+                raise DatasetError(f"--{name} takes S or H W (positive), got {value}.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise DatasetError(f"--{name} must be positive, got {value}.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise DatasetError(f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}.")
 
     def load(self) -> ImageDataset:
         return load_image_dataset(self.dataset, self.dataset_revision, self.image_column, self.label_column)
 
 
+EVAL_SPLITS = ("test", "validation")
+
+
+def evaluation_split(dataset: ImageDataset, args: DataArguments) -> str | None:
+    """The split the source and victims are evaluated on: --eval_split, else test, else validation;
+    None: hold out part of the training split (``held_out_rows``)."""
+    if args.eval_split is not None:
+        if args.eval_split not in dataset.splits:
+            raise DatasetError(f"Dataset '{dataset.name}' has no split '{args.eval_split}' (splits: "
+                               f"{', '.join(dataset.splits)}); drop --eval_split to hold out "
+                               f"{args.validation_split_percentage:g}% of '{args.train_split}' instead.")
+        return args.eval_split
+    return next((name for name in EVAL_SPLITS if name in dataset.splits and name != args.train_split), None)
+
+
+def held_out_rows(num_rows: int, percentage: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows) of a split without a test split: a seeded ``percentage`` held out,
+    both sorted; as ``Dataset.train_test_split`` in the transformers image-classification example."""
+    count = max(1, round(num_rows * percentage / 100))
+    if count >= num_rows:
+        raise DatasetError(f"{num_rows} training rows are too few to hold out {percentage:g}% for evaluation; "
+                           "pass --eval_split or --eval_dataset.")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[count:].tolist()), sorted(order[:count].tolist())
+
+
+def model_size(scans: Iterable[SplitScan], args: DataArguments) -> tuple[int, int]:
+    """The models' input size: --image_size, else the one size every scanned image has (DatasetError if mixed)."""
+    if args.image_size is not None:
+        return tuple(args.image_size)
+    scans = list(scans)
+    sizes = {scan.uniform_size for scan in scans}
+    if len(sizes) == 1 and None not in sizes:
+        return next(iter(sizes))
+    seen = np.concatenate([scan.sizes for scan in scans])
+    raise DatasetError(f"Images of dataset '{args.dataset}' have different sizes ({int(seen[:, 0].min())} to "
+                       f"{int(seen[:, 0].max())} px high, {int(seen[:, 1].min())} to {int(seen[:, 1].max())} px wide); "
+                       "pass --image_size S: models see S x S and every image is protected and published at its own size "
+                       "(or --resize H W to publish them all at H x W).")
+
+
+def model_view(split, columns: ImageColumns, mode: str, size: Sequence[int], resize=None,
+               budget_mb: float = float("inf"), desc: str | None = None) -> torch.Tensor | ImageRows:
+    """A split's images as the models see them (colour channels of ``mode`` at ``size``): a uint8 tensor
+    (N, C, H, W) when it fits ``budget_mb`` MiB, else ``ImageRows`` decoding rows on demand."""
+    channels = 1 if mode.startswith("L") else 3
+    if split.num_rows * channels * size[0] * size[1] / 2**20 > budget_mb:
+        logger.info("%d images at %dx%d exceed --keep_in_memory_mb %g: decoding them batch by batch",
+                    split.num_rows, size[0], size[1], budget_mb)
+        return ImageRows(split, columns, mode, size, resize)
+    return split_to_tensors(split, columns, resize=resize, desc=desc, size=size, mode=mode)[0]
+
+
+def colour_mode(mode: str) -> str:
+    """The colour part of a mode, what models see: LA -> L, RGBA -> RGB."""
+    return mode[:-1] if mode.endswith("A") else mode
+
+
 @dataclass
 class TrainingData:
-    """Whole-tensor data: uint8 images (N, C, H, W) and int64 labels, plus provenance.
+    """Model-size data: uint8 images (N, C, H, W) (a tensor, or ``ImageRows`` over the dataset) and
+    int64 labels, plus provenance.
 
-    What a model sees: the colour channels of the split as stored (C = 1 for a grayscale dataset, 3
-    for colour; an alpha channel is dropped), the evaluation images in the training images' mode.
+    What a model sees: the colour channels of the split (C = 1 for a grayscale dataset, 3 for colour;
+    an alpha channel is dropped) at the models' input size, the evaluation images in the training images' mode.
     """
 
-    train_images: torch.Tensor
+    train_images: torch.Tensor | ImageRows
     train_labels: torch.Tensor
-    eval_images: torch.Tensor
+    eval_images: torch.Tensor | ImageRows
     eval_labels: torch.Tensor
     class_names: tuple[str, ...]
     dataset_id: str
     dataset_revision: str | None
     eval_dataset_id: str | None = None  # None: the same dataset as training
     eval_dataset_revision: str | None = None
+    eval_split: str | None = None  # what was evaluated on, e.g. "test" or "train (10% held out)"
+
+
+def first_rows(split, limit: int | None):
+    """The first ``limit`` rows of a split (all when None)."""
+    return split.select(range(min(limit, split.num_rows))) if limit and limit < split.num_rows else split
+
+
+def source_splits(dataset: ImageDataset, eval_dataset: ImageDataset, args: DataArguments):
+    """(training rows, evaluation rows, evaluation split's name) for the source or a victim.
+
+    Without a test or validation split, a seeded --validation_split_percentage of the training rows
+    is held out: evaluated on, not trained on.
+    """
+    train = first_rows(dataset.split(args.train_split), args.max_train_samples)
+    eval_name = evaluation_split(eval_dataset, args)
+    if eval_name is None:
+        if eval_dataset is not dataset:
+            raise DatasetError(f"Evaluation dataset '{args.eval_dataset}' has no test or validation split "
+                               f"(splits: {', '.join(eval_dataset.splits)}); pass --eval_split.")
+        rows, held_out = held_out_rows(train.num_rows, args.validation_split_percentage)
+        return (train.select(rows), first_rows(train.select(held_out), args.max_eval_samples),
+                f"{args.train_split} ({args.validation_split_percentage:g}% held out)")
+    return train, first_rows(eval_dataset.split(eval_name), args.max_eval_samples), eval_name
 
 
 def load_training_data(args: DataArguments, dataset: ImageDataset | None = None) -> TrainingData:
-    """Decode the train split (of ``--dataset``) and eval split (of ``--eval_dataset``) into tensors."""
+    """The training split (of ``--dataset``) and evaluation split (of ``--eval_dataset``) in the models' view.
+
+    Every image is decoded once first (``scan_split``: bad images and labels raise ``DatasetError``
+    here, before any compute), then decoded at the model size into tensors, or left on disk as
+    ``ImageRows`` when larger than ``--keep_in_memory_mb``.
+    """
     dataset = dataset or args.load()
     eval_dataset = dataset
     if args.eval_dataset and resolve_dataset_name(args.eval_dataset) != dataset.dataset_id:
@@ -511,18 +799,33 @@ def load_training_data(args: DataArguments, dataset: ImageDataset | None = None)
                 f"Evaluation dataset '{args.eval_dataset}' has {len(theirs)} classes and '{args.dataset}' has "
                 f"{len(ours)}; {first}: they must share one ClassLabel."
             )
-    train_images, train_labels = split_to_tensors(dataset.split(args.train_split), dataset.columns,
-                                                  args.max_train_samples, args.resize, desc=f"Decoding {args.train_split}")
-    eval_images, eval_labels = split_to_tensors(eval_dataset.split(args.eval_split), eval_dataset.columns,
-                                                args.max_eval_samples, args.resize, desc=f"Decoding {args.eval_split}")
-    train_images = split_alpha(train_images)[0]
-    eval_images = convert_mode(split_alpha(eval_images)[0], image_mode(train_images))
-    return TrainingData(train_images, train_labels, eval_images, eval_labels, dataset.columns.class_names,
-                        dataset.dataset_id, dataset.revision, eval_dataset.dataset_id, eval_dataset.revision)
+    train, evaluation, eval_name = source_splits(dataset, eval_dataset, args)
+    train_scan = scan_split(train, dataset.columns, resize=args.resize, desc="Checking training images")
+    eval_scan = scan_split(evaluation, eval_dataset.columns, resize=args.resize, desc="Checking evaluation images")
+    mode = colour_mode(train_scan.mode)
+    size = model_size([train_scan, eval_scan], args)
+    train_images = model_view(train, dataset.columns, mode, size, args.resize, args.keep_in_memory_mb,
+                              "Decoding training images")
+    eval_images = model_view(evaluation, eval_dataset.columns, mode, size, args.resize, args.keep_in_memory_mb,
+                             "Decoding evaluation images")
+    return TrainingData(train_images, torch.from_numpy(train_scan.labels), eval_images,
+                        torch.from_numpy(eval_scan.labels), dataset.columns.class_names, dataset.dataset_id,
+                        dataset.revision, eval_dataset.dataset_id, eval_dataset.revision, eval_name)
 
 
 # ----------------------------------------------------------------------------------------------
 # writing a Hub-layout dataset folder
+
+
+def embed_image_bytes(split, columns: ImageColumns):
+    """The split with every image's bytes inside the table (an ImageFolder row holds only a local path):
+    what ``push_to_hub`` does, so a published split never points at the owner's disk. Paths keep only
+    the file name."""
+    from datasets.table import embed_table_storage
+
+    if split.num_rows == 0:
+        return split
+    return split.with_format("arrow").map(embed_table_storage, batched=True, desc="Embedding image bytes").with_format(None)
 
 
 _SHARD_BYTES = 500 * 1024 * 1024

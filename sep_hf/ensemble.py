@@ -235,11 +235,15 @@ class CheckpointEnsemble(nn.Module):
     ) -> torch.Tensor:
         """μ[k, c] = mean penultimate feature of class c under checkpoint k, shape (K, C, D), float32.
 
-        ``images`` are the clean training images (uint8 or float in [0, 1]). Computed once per
+        ``images`` are the clean training images (uint8 or float in [0, 1]; a tensor or ``data.ImageRows``,
+        read one batch at a time) at any size (each model resizes them to its own). Computed once per
         (checkpoint, data) pair, batched, and cached on disk keyed by both content hashes.
         """
         cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir() / "class_means"
-        data_hash = tensor_hash(images, labels)[:16]
+        if isinstance(images, torch.Tensor):
+            data_hash = tensor_hash(images, labels)[:16]
+        else:  # data.ImageRows: decoded batch by batch; its dataset fingerprint names the content
+            data_hash = hashlib.sha256(f"{images.fingerprint}-{tensor_hash(labels)}".encode()).hexdigest()[:16]
         paths = [cache_dir / f"{content[:16]}-{data_hash}.safetensors" for content in self.content_hashes]
         missing = [k for k, path in enumerate(paths) if not path.exists()]
         if missing:

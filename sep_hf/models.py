@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "build_model", "list_cifar_models", "timm_model_args", "check_model_name"]
+__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "build_model", "list_cifar_models", "timm_model_args", "check_model_name"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -150,8 +150,25 @@ def list_cifar_models() -> list[str]:
     return sorted(default_cfgs)
 
 
+def resize_to_model(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Float images (N, C, H, W) in [0, 1] resized to ``size`` = (H', W'): bilinear with antialiasing
+    (``torch.nn.functional.interpolate(antialias=True)``), differentiable, a no-op at that size already.
+
+    The one resize between a published image and a model: source training data, class means and
+    crafting all use it, so a perturbation crafted at native resolution reaches the model as it was
+    optimized (crafting differentiates through this function).
+    """
+    size = tuple(int(v) for v in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 class ImageClassifier(nn.Module):
-    """A timm model behind a per-channel normalization: input pixels in [0, 1].
+    """A timm model behind a per-channel normalization: input pixels in [0, 1], (N, C, H, W).
+
+    Inputs of another size than the model's ``img_size`` are resized to it first (``resize_to_model``),
+    so images of any native resolution can be fed, and differentiated through.
 
     ``features(x)`` returns the penultimate (pre-logits) features; ``head(features)`` the logits.
     ``config`` is everything needed to rebuild the architecture (saved with every checkpoint).
@@ -163,9 +180,11 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.config = config
+        size = config["img_size"]
+        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
+        x = (resize_to_model(x, self.input_size) - self.mean) / self.std
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ __all__ = [
     "TrainingRecipe",
     "SourceTrainingConfig",
     "augment_crop_flip",
+    "draw_crop_flip",
+    "apply_crop_flip",
     "channel_stats",
     "evaluate_accuracy",
     "train_source",
@@ -97,29 +99,50 @@ class SourceTrainingConfig(TrainingRecipe):
         return evenly_spaced(list(range(1, self.epochs + 1)), min(self.num_checkpoints, self.epochs))
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
-    return pixels.mean(1).tolist(), pixels.std(1).tolist()
+def channel_stats(images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units (``ImageRows``: streamed)."""
+    if isinstance(images, torch.Tensor):
+        pixels = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
+        return pixels.mean(1).tolist(), pixels.std(1).tolist()
+    total = total_sq = count = 0
+    for start in range(0, len(images), 1000):
+        chunk = images[start : start + 1000].transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
+        total, total_sq, count = total + chunk.sum(1), total_sq + chunk.pow(2).sum(1), count + chunk.shape[1]
+    mean = total / count
+    return mean.tolist(), ((total_sq - count * mean.pow(2)) / (count - 1)).clamp_min(0).sqrt().tolist()
+
+
+def draw_crop_flip(n: int, padding: int, flip: bool, generator: torch.Generator) -> dict:
+    """The random choices of ``augment_crop_flip`` for n images (flip mask, crop offsets), drawn in its order."""
+    params = {"padding": padding, "flip": torch.rand(n, generator=generator) < 0.5 if flip else None}
+    if padding > 0:
+        params["dy"] = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        params["dx"] = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    return params
+
+
+def apply_crop_flip(images: torch.Tensor, params: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply drawn choices (``draw_crop_flip``) to a batch; ``rows`` picks the batch's entries of them."""
+    pick = (lambda value: value) if rows is None else (lambda value: value[rows.cpu()])
+    n, _, height, width = images.shape
+    padding = params["padding"]
+    if params["flip"] is not None:
+        images = torch.where(pick(params["flip"]).view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
+    if padding > 0:
+        padded = F.pad(images.float() if images.dtype == torch.uint8 else images, (padding,) * 4, mode="reflect")
+        padded = padded.to(images.dtype)
+        dy, dx = pick(params["dy"]).to(images.device), pick(params["dx"]).to(images.device)
+        rows_ = (dy.view(-1, 1) + torch.arange(height, device=images.device)).view(n, 1, height, 1)
+        cols = (dx.view(-1, 1) + torch.arange(width, device=images.device)).view(n, 1, 1, width)
+        batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+        channel = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+        images = padded[batch, channel, rows_, cols]
+    return images
 
 
 def augment_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop (reflect padding) and horizontal flip of a whole batch, without a Python loop."""
-    n, _, height, width = images.shape
-    if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(mask.view(-1, 1, 1, 1).to(images.device), images.flip(3), images)
-    if padding > 0:
-        padded = F.pad(images.float() if images.dtype == torch.uint8 else images, (padding,) * 4, mode="reflect")
-        padded = padded.to(images.dtype)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-        rows = (dy.view(-1, 1) + torch.arange(height, device=images.device)).view(n, 1, height, 1)
-        cols = (dx.view(-1, 1) + torch.arange(width, device=images.device)).view(n, 1, 1, width)
-        batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
-        channel = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
-        images = padded[batch, channel, rows, cols]
-    return images
+    return apply_crop_flip(images, draw_crop_flip(len(images), padding, flip, generator))
 
 
 def _seeded(*parts: int) -> torch.Generator:
@@ -176,17 +199,20 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, images: torch.Tensor, labels: torch.Tensor, accelerator, batch_size: int = 500) -> float:
-    """Accuracy over (images, labels), each process taking every N-th example, summed across processes."""
+def evaluate_accuracy(model, images, labels: torch.Tensor, accelerator, batch_size: int = 500) -> float:
+    """Accuracy over (images, labels), each process taking every N-th example, summed across processes.
+
+    ``images``: uint8 (N, C, H, W), a tensor or ``ImageRows`` (only one batch is decoded at a time).
+    """
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    images, labels = images[rank::world], labels[rank::world]
+    mine = torch.arange(rank, len(labels), world)
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    for start in range(0, len(images), batch_size):
+    for batch in mine.split(batch_size):
         with accelerator.autocast():
-            logits = model(_to_float(images[start : start + batch_size], accelerator.device))
-        correct += (logits.argmax(1) == labels[start : start + batch_size].to(accelerator.device)).sum()
-    total = torch.tensor(len(images), device=accelerator.device)
+            logits = model(_to_float(images[batch], accelerator.device))
+        correct += (logits.argmax(1) == labels[batch].to(accelerator.device)).sum()
+    total = torch.tensor(len(mine), device=accelerator.device)
     correct, total = accelerator.reduce(torch.stack([correct, total]), reduction="sum")
     return (correct / total).item()
 
@@ -256,6 +282,10 @@ def train_source(
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint_epochs = set(config.checkpoint_epochs())
     model_record = accelerator.unwrap_model(model).config
+    in_memory = isinstance(data.train_images, torch.Tensor)
+    if not (plain or in_memory):
+        raise ValueError(f"--defense {config.defense} squeezes the whole training set in memory: raise "
+                         "--keep_in_memory_mb above the decoded size or train the source without a defense.")
     train_images = (data.train_images if plain else defense.prepare_training_images(data.train_images)).to(device)
     train_labels = data.train_labels.to(device)
     trainer_view = None if plain else _SourceTrainerView(accelerator.unwrap_model(model), len(data.class_names))
@@ -266,14 +296,17 @@ def train_source(
         model.train()
         generator = _seeded(config.seed, epoch)
         order = torch.randperm(num_train, generator=generator).to(device)
-        augmented = augment_crop_flip(train_images, config.crop_padding, config.flip, generator)
+        # The same draws whether the images are in memory (augmented at once) or decoded per batch.
+        augmentation = draw_crop_flip(num_train, config.crop_padding, config.flip, generator)
+        augmented = apply_crop_flip(train_images, augmentation) if in_memory else None
         loss_sum = torch.zeros((), device=device)
         for batch_index in range(steps_per_epoch):
             batch = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
             mine = batch[accelerator.process_index :: world]
             for micro in mine.split(micro_batch):
                 with accelerator.accumulate(model):
-                    inputs, targets = _to_float(augmented[micro], device), train_labels[micro]
+                    batch_images = augmented[micro] if in_memory else apply_crop_flip(train_images[micro], augmentation, micro)
+                    inputs, targets = _to_float(batch_images, device), train_labels[micro]
                     if trainer_view is not None:
                         inputs, targets = defense.training_batch(trainer_view, inputs, targets)
                     with accelerator.autocast():

@@ -3,8 +3,11 @@
 Everything that can fail on bad input (unknown dataset or method, no labels, a budget below one
 level, undecodable images, no write access) is checked before any crafting or upload; the dataset
 (parquet shards, card, sample grid) reaches the Hub in a single commit, so nothing is ever
-half-published. Every published split is decoded ONCE into tensors (``ProtectionContext.pixels``):
-source training, class means, crafting and the sample grid all read those tensors.
+half-published. Every published image is decoded once before any compute (``ProtectionContext.scan``:
+sizes, mode, labels); source training and class means read the models' view (every image at the
+models' input size, in memory or batch by batch, ``ProtectionContext.tensors``), and crafting reads
+each shard's images from the Arrow table at their own resolution (``protect_split``), so memory
+depends on the batch and shard sizes, not on the number of images.
 
 Images are crafted in the source's mode (``ProtectionContext.mode``): a grayscale (L) dataset is
 decoded to one channel, its source model is trained with a one-channel stem, and it is published
@@ -28,8 +31,9 @@ import torch
 
 from sep_hf import hub
 from sep_hf.cards import protected_dataset_card, sample_grid_png
-from sep_hf.data import DataArguments, DatasetError, ImageDataset, TrainingData, convert_mode, image_mode, \
-    public_name, split_alpha, split_to_tensors, uint8_to_float, union_mode, write_hub_layout
+from sep_hf.data import DataArguments, DatasetError, ImageDataset, ImageRows, SplitScan, TrainingData, colour_mode, \
+    decode_batch, embed_image_bytes, evaluation_split, first_rows, held_out_rows, model_size, model_view, public_name, \
+    scan_split, uint8_to_float, union_mode, write_hub_layout
 from sep_hf.ensemble import CheckpointEnsemble
 from sep_hf.io import write_json
 from sep_hf.jobs.common import RESULTS_FILE, HubArguments, RunArguments
@@ -101,9 +105,11 @@ class ProtectionContext:
     accelerator: object
     output_dir: Path
     wall: dict
-    pixels: dict = field(default_factory=dict)  # split name -> (uint8 colour channels, labels), decoded once
-    alpha: dict = field(default_factory=dict)  # split name -> its uint8 alpha channel (N, 1, H, W) or None
-    mode: str | None = None  # the published mode (L, LA, RGB, RGBA): the decoded splits' union
+    scans: dict = field(default_factory=dict)  # split name -> SplitScan of its published rows (sizes, labels)
+    mode: str | None = None  # the published mode (L, LA, RGB, RGBA): the published splits' union
+    size: tuple[int, int] | None = None  # the models' input size (--image_size or the images' one size)
+    splits: dict = field(default_factory=dict)  # split name -> its published rows (datasets.Dataset)
+    _views: dict = field(default_factory=dict)
     _arguments: dict = field(default_factory=dict)
     _ensembles: dict = field(default_factory=dict)
 
@@ -125,6 +131,11 @@ class ProtectionContext:
         return resolve_mixed_precision(self.run_args.mixed_precision, use_cpu=self.accelerator.device.type == "cpu") \
             not in ("no", None)
 
+    @property
+    def native_size(self) -> bool:
+        """Every published image has the models' input size (as CIFAR-10): nothing is resized for the models."""
+        return all(scan.uniform_size == self.size for scan in self.scans.values())
+
     def arguments(self, cls: type):
         """The parsed instance of a method's flag dataclass (defaults if absent), its preset applied once."""
         if cls not in self._arguments:
@@ -133,34 +144,52 @@ class ProtectionContext:
             self._arguments[cls] = instance
         return self._arguments[cls]
 
-    def decode(self, names) -> None:
-        """Decode splits once, in one mode: the first call fixes it (the union of those splits' own
-        modes, so one RGB image makes the dataset RGB), later splits are converted to it."""
-        decoded = {}
-        for name in names:
-            if name in self.pixels or name in decoded:
-                continue
-            split = self.dataset.split(name)
-            limit = self.data_args.max_train_samples if name == self.data_args.train_split else self.data_args.max_eval_samples
-            decoded[name] = split_to_tensors(split, self.columns, limit, self.data_args.resize, desc=f"Decoding {name}")
-        if not decoded:
-            return
-        if self.mode is None:
-            self.mode = union_mode(image_mode(images) for images, _ in decoded.values())
-        for name, (images, labels) in decoded.items():
-            colour, self.alpha[name] = split_alpha(convert_mode(images, self.mode))
-            self.pixels[name] = (colour, labels)
+    def scan(self, splits: dict) -> None:
+        """Decode every published image once, before any compute (bad images and labels fail here), and
+        fix the published mode (the union of the splits' own: one RGB image makes the dataset RGB) and
+        the models' input size."""
+        for name, split in splits.items():
+            self.scans[name] = scan_split(split, self.columns, resize=self.data_args.resize, desc=f"Checking {name}")
+        self.splits.update(splits)
+        self.mode = union_mode(scan.mode for scan in self.scans.values())
+        self.size = model_size(self.scans.values(), self.data_args)
 
-    def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A published split's (first N) images as uint8 colour channels (no alpha) and labels, decoded once."""
-        if name not in self.pixels:
-            self.decode([name])
-        return self.pixels[name]
+    def tensors(self, name: str) -> tuple[torch.Tensor | ImageRows, torch.Tensor]:
+        """A published split's images in the models' view (uint8 colour channels at ``size``: a tensor, or
+        ``ImageRows`` beyond --keep_in_memory_mb) and its labels, decoded once."""
+        if name not in self._views:
+            images = model_view(self.splits[name], self.columns, colour_mode(self.mode), self.size,
+                                self.data_args.resize, self.data_args.keep_in_memory_mb, desc=f"Decoding {name}")
+            self._views[name] = (images, torch.from_numpy(self.scans[name].labels))
+        return self._views[name]
 
     @property
-    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clean training images (uint8) and labels that are protected."""
+    def train_tensors(self) -> tuple[torch.Tensor | ImageRows, torch.Tensor]:
+        """The clean training images (models' view, uint8) and labels that are protected."""
         return self.tensors(self.data_args.train_split)
+
+    def source_data(self) -> TrainingData:
+        """What the source trains and is evaluated on: the training split and the test (else validation)
+        split, or, with neither published, the training split less a held-out part it is evaluated on."""
+        train_name = self.data_args.train_split
+        images, labels = self.train_tensors
+        eval_name = evaluation_split(self.dataset, self.data_args)
+        if eval_name in self.splits:
+            eval_images, eval_labels = self.tensors(eval_name)
+        elif eval_name is not None:  # an evaluation split that is not published
+            split = first_rows(self.dataset.split(eval_name), self.data_args.max_eval_samples)
+            eval_scan = scan_split(split, self.columns, resize=self.data_args.resize, desc=f"Checking {eval_name}")
+            eval_images = model_view(split, self.columns, colour_mode(self.mode), self.size, self.data_args.resize,
+                                     self.data_args.keep_in_memory_mb, desc=f"Decoding {eval_name}")
+            eval_labels = torch.from_numpy(eval_scan.labels)
+        else:
+            rows, held_out = held_out_rows(len(labels), self.data_args.validation_split_percentage)
+            held_out = held_out[: self.data_args.max_eval_samples]
+            eval_images, eval_labels = _take(images, held_out), labels[held_out]
+            images, labels = _take(images, rows), labels[rows]
+            eval_name = f"{train_name} ({self.data_args.validation_split_percentage:g}% held out)"
+        return TrainingData(images, labels, eval_images, eval_labels, self.columns.class_names, self.dataset.dataset_id,
+                            self.dataset.revision, eval_split=eval_name)
 
     def ensemble(self, checkpoints: str | None, revision: str | None, num_models: int | None) -> CheckpointEnsemble:
         """The source checkpoints: ``checkpoints``, or a source run trained (and pushed) here first."""
@@ -180,10 +209,7 @@ class ProtectionContext:
                                       mixed_precision=self.run_args.mixed_precision,
                                       gradient_accumulation_steps=self.run_args.gradient_accumulation_steps)
             source_hub = HubArguments(push_to_hub=args.push_to_hub, hub_model_id=args.hub_source_model_id)
-            train_images, train_labels = self.train_tensors
-            eval_images, eval_labels = self.tensors(self.data_args.eval_split)
-            data = TrainingData(train_images, train_labels, eval_images, eval_labels, self.columns.class_names,
-                                self.dataset.dataset_id, self.dataset.revision)
+            data = self.source_data()
             run_source_training(self.source_config, self.data_args, source_run, source_hub, accelerator, data=data,
                                 allow_public_repo=args.hub_allow_public_source)
             self.wall["source_training"] = time.perf_counter() - start
@@ -193,7 +219,7 @@ class ProtectionContext:
             ensemble.source = args.hub_source_model_id if args.push_to_hub else "a local source run (not published)"
             if args.push_to_hub:
                 ensemble.revision = hub.repo_commit_sha(args.hub_source_model_id)
-        channels = 1 if (self.mode or "RGB").startswith("L") else 3  # colour channels the models see
+        channels = 1 if colour_mode(self.mode) == "L" else 3  # colour channels the models see
         if ensemble.in_chans not in (channels, 3):  # 3: a grey image is fed as grey on R, G and B (broadcast)
             raise ValueError(
                 f"The checkpoints ({public_name(ensemble.source)}) take {ensemble.in_chans}-channel images but dataset "
@@ -207,6 +233,30 @@ class ProtectionContext:
             logger.warning("Checkpoint class names %s differ from the dataset's %s", ensemble.class_names[:3],
                            self.columns.class_names[:3])
         return ensemble
+
+
+def _take(images, rows: list[int]):
+    """Rows of a models'-view image set: a tensor is indexed, ``ImageRows`` selects them lazily."""
+    if isinstance(images, ImageRows):
+        return ImageRows(images.source.select(rows), images.columns, images.mode, images.size, images.resize)
+    return images[torch.as_tensor(rows, dtype=torch.long)]
+
+
+def _encoded_images(split, columns) -> list:
+    import datasets
+
+    return split.cast_column(columns.image, datasets.Image(decode=False))[columns.image]
+
+
+def _resolution(context: ProtectionContext) -> str:
+    """How the card states the published resolution against the models' size."""
+    size = "x".join(map(str, context.size))
+    if context.data_args.resize is not None:
+        return f"every image resized to {'x'.join(map(str, context.data_args.resize))} (--resize) and published at that size"
+    if context.native_size:
+        return f"native ({size}, the models' input size)"
+    return (f"native: every image is protected and published at its own size; the models saw it resized to {size} "
+            "(antialiased bilinear) and the perturbation was crafted through that resize")
 
 
 def budget_text(eps: int | None) -> str:
@@ -283,13 +333,13 @@ def run_protection(
     context = ProtectionContext(args, list(method_args), dataset, data_args, source_config, run_args, accelerator,
                                 output_dir, wall)
     start = time.perf_counter()
-    context.decode(list(splits))  # every published split once, in one mode (a corrupt image fails here)
-    for name in splits:
-        _, labels = context.tensors(name)
-        if name in protect_names and len(labels) and labels.min() < 0:
+    context.scan(splits)  # every published image decoded once (a corrupt image or a bad label fails here)
+    for name in protect_names:
+        labels = context.scans[name].labels
+        if len(labels) and labels.min() < 0:
             raise DatasetError(
                 f"Split '{name}' has {int((labels < 0).sum())} unlabeled rows (label -1, e.g. row "
-                f"{int((labels < 0).nonzero()[0])}): a protection needs every label. Publish only labeled splits "
+                f"{int((labels < 0).nonzero()[0][0])}): a protection needs every label. Publish only labeled splits "
                 "(--splits train) or protect only those (--protect_splits train).")
     wall["decoding"] = time.perf_counter() - start
 
@@ -301,10 +351,9 @@ def run_protection(
     # Crafting: each process takes every N-th shard; finished shards survive a kill
     start = time.perf_counter()
     shard_paths = {
-        name: protect_split(splits[name], transform, output_dir / "shards" / name, context.tensors(name),
-                            args.shard_size, args.craft_batch_size, accelerator.process_index,
-                            accelerator.num_processes, desc=f"{args.method} {name} (process {accelerator.process_index})",
-                            alpha=context.alpha[name])
+        name: protect_split(splits[name], transform, output_dir / "shards" / name, context.mode, args.shard_size,
+                            args.craft_batch_size, accelerator.process_index, accelerator.num_processes,
+                            desc=f"{args.method} {name} (process {accelerator.process_index})", resize=data_args.resize)
         for name in protect_names
     }
     accelerator.wait_for_everyone()
@@ -323,12 +372,14 @@ def run_protection(
     source_columns = next(iter(splits.values())).column_names
     protected = datasets.DatasetDict({
         name: crafted[name].remove_columns([c for c in crafted[name].column_names if c not in source_columns])
-        if name in crafted else split for name, split in splits.items()
+        if name in crafted else embed_image_bytes(split, dataset.columns) for name, split in splits.items()
     })
+    # The grid shows what the models see (every image at the model size), clean above protected.
     first = protect_names[0]
-    clean = uint8_to_float(context.tensors(first)[0][:GRID_IMAGES])
-    shown = uint8_to_float(split_alpha(convert_mode(split_to_tensors(protected[first], dataset.columns, GRID_IMAGES)[0],
-                                                    context.mode))[0])
+    grid_rows = range(min(GRID_IMAGES, protected[first].num_rows))
+    clean, shown = (uint8_to_float(decode_batch(_encoded_images(split.select(grid_rows), dataset.columns),
+                                                colour_mode(context.mode), context.size))
+                    for split in (splits[first], protected[first]))
     description = transform.describe()
     results = {
         "method": args.method, "steps": None, "step_size": None, **description,
@@ -339,6 +390,7 @@ def run_protection(
         / sum(s["num_examples"] for s in split_stats.values()),
         "dataset": public_name(dataset.dataset_id), "dataset_revision": dataset.revision, "preset": run_args.preset,
         "image_mode": context.mode,
+        "image_size": list(context.size), "resolution": _resolution(context),
         "num_processes": accelerator.num_processes, "hub_dataset_id": args.hub_dataset_id if args.push_to_hub else None,
         "victims": [],
     }

@@ -13,7 +13,8 @@ A protection is a ``ProtectionTransform`` subclass registered under one or more 
 
 ``protect_split`` runs a transform over a split in fixed shards, each cached to disk by ``map``
 under a fingerprint of (method, config, weights or key, source data, shard), so a killed run
-resumes where it stopped and N processes produce the same bytes as one.
+resumes where it stopped and N processes produce the same bytes as one. Images reach ``protect``
+at their own resolution, one size per call (a model resizes them itself: ``models.resize_to_model``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from sep_hf.data import image_mode, images_to_uint8, quantize, split_alpha, tensor_to_png_images, uint8_to_float
+from sep_hf.data import decode_batch, images_to_uint8, quantize, split_alpha, tensor_to_png_images, uint8_to_float
 
 __all__ = ["ProtectionTransform", "perturbation_stats", "protect_split", "load_shards", "split_summary",
            "budget_clamp", "config_hash", "STATS_FEATURES", "SEP_PAPER"]
@@ -139,6 +140,23 @@ class ProtectionTransform:
             output.update(self.extra_stats(protected, labels))
         return output
 
+    def bucketed_outputs(self, images: list[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor) -> dict:
+        """``outputs`` of uint8 (C, H, W) images of any sizes: each size is protected as one batch, and
+        the rows come back in their order. The last channel of a 2- or 4-channel image is alpha."""
+        by_size: dict[tuple, list[int]] = {}
+        for position, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(position)
+        merged: dict[str, list] = {}
+        for positions in by_size.values():
+            rows = torch.as_tensor(positions)
+            colour, alpha = split_alpha(torch.stack([images[p] for p in positions]))
+            part = self.outputs(uint8_to_float(colour), labels[rows], indices[rows], alpha)
+            for name, values in part.items():
+                merged.setdefault(name, [None] * len(images))
+                for position, value in zip(positions, values):
+                    merged[name][position] = value
+        return merged
+
     def __call__(self, batch: dict, indices: list[int] | None = None) -> dict:
         colour, alpha = split_alpha(images_to_uint8(batch[self.image_column], column=self.image_column, mode=None))
         labels = torch.as_tensor(batch[self.label_column], dtype=torch.long)
@@ -159,35 +177,32 @@ def protect_split(
     split,
     transform: ProtectionTransform,
     work_dir: str | Path,
-    pixels: tuple[torch.Tensor, torch.Tensor],
+    mode: str,
     shard_size: int = 1000,
     batch_size: int = 250,
     process_index: int = 0,
     num_processes: int = 1,
     desc: str = "Protecting",
-    alpha: torch.Tensor | None = None,
+    resize=None,
 ):
     """Run ``transform`` over ``split`` in shards of ``shard_size`` rows, cached under ``work_dir``.
 
-    ``pixels`` are the split's images (uint8 colour channels) and labels, decoded once by the caller;
-    ``alpha`` its alpha channel (uint8 (N, 1, H, W)) if it has one, copied unchanged into the output.
-    The map reads only the label column and writes the protected image column. Process ``i`` of ``n`` crafts
-    shards ``i, i+n, ...``; each finished shard is an Arrow file that ``map`` wrote atomically.
-    Returns the shard paths in order (call ``load_shards`` once all processes are done).
+    Each batch is read from the (memory-mapped) Arrow table and decoded here (``decode_batch``) in
+    ``mode`` (the published one; an alpha channel is split off and copied unchanged) at each image's
+    own size (or at ``resize``); images of one size are protected together (bucketing), so a batch
+    of mixed sizes needs no padding and no per-pixel loop. Memory: one batch, whatever the split's size.
+    Process ``i`` of ``n`` crafts shards ``i, i+n, ...``; each finished shard is an Arrow file that
+    ``map`` wrote atomically. Returns the shard paths in order (call ``load_shards`` once all are done).
     """
-    images, labels = pixels
-    if len(images) != split.num_rows:
-        raise ValueError(f"{len(images)} decoded images for a split of {split.num_rows} rows.")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     num_shards = math.ceil(split.num_rows / shard_size)
-    if alpha is not None and (len(alpha) != len(images) or alpha.shape[2:] != images.shape[2:]):
-        raise ValueError(f"alpha {tuple(alpha.shape)} does not match the images {tuple(images.shape)}.")
-    mode = image_mode(images.shape[1] + (0 if alpha is None else 1))
+    where = f" of split '{split.split}'" if split.split is not None else ""
     # The output mode keys the cache too (RGB keeps its historical key, so existing RGB shards still resume).
     base = config_hash(transform.name, transform.fingerprint(), split._fingerprint, shard_size, transform.return_stats,
-                       *(() if mode == "RGB" else (mode,)))
+                       *(() if mode == "RGB" else (mode,)), *(() if resize is None else (list(resize),)))
     features = transform.output_features(split.features)
+    encoded = split.cast_column(transform.image_column, datasets_image(decode=False))
     paths = []
     for shard_index in range(num_shards):
         start, stop = shard_index * shard_size, min((shard_index + 1) * shard_size, split.num_rows)
@@ -196,17 +211,23 @@ def protect_split(
         if shard_index % num_processes != process_index or _finished(path):
             continue
 
-        def protect_rows(_labels, local_indices, offset=start):
+        def protect_rows(values, batch_labels, local_indices, offset=start):
             index = torch.as_tensor(local_indices, dtype=torch.long) + offset
-            return transform.outputs(uint8_to_float(images[index]), labels[index], index,
-                                     None if alpha is None else alpha[index])
+            images = decode_batch(values, mode, None, resize, transform.image_column, where, int(index[0]))
+            return transform.bucketed_outputs(images, torch.as_tensor(batch_labels, dtype=torch.long), index)
 
-        split.select(range(start, stop)).map(
-            protect_rows, input_columns=[transform.label_column], batched=True, batch_size=batch_size,
-            with_indices=True, features=features, cache_file_name=str(path),
+        encoded.select(range(start, stop)).map(
+            protect_rows, input_columns=[transform.image_column, transform.label_column], batched=True,
+            batch_size=batch_size, with_indices=True, features=features, cache_file_name=str(path),
             new_fingerprint=config_hash(base, shard_index)[:32], desc=f"{desc} [shard {shard_index + 1}/{num_shards}]",
         )
     return paths
+
+
+def datasets_image(decode: bool):
+    import datasets
+
+    return datasets.Image(decode=decode)
 
 
 def _finished(path: Path) -> bool:

@@ -505,7 +505,13 @@ class EMTransform(ProtectionTransform):
             raise ValueError(f"{name} noise is fitted on the training split only; "
                              f"--protect_splits can only name '{train_split}'.")
         config = context.arguments(EMArguments).config(name, context.eps, context.seed)
+        if not context.native_size:
+            raise ValueError(f"{name} fits one noise tensor per image at one size, but the images of '{context.data_args.dataset}' "
+                             "are not all at the models' input size: pass --resize H W to publish them at one size.")
         images, labels = context.train_tensors
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"{name} fits its noise on the whole training split in memory: raise --keep_in_memory_mb "
+                             f"above its decoded size ({len(images)} images at {images.shape[2]}x{images.shape[3]}).")
         num_classes = context.columns.num_classes
         state_dir = context.output_dir / "cache" / f"{config.method}-{fit_key(images, labels, config, num_classes)[:16]}"
         if not context.accelerator.is_main_process:  # the main process fits (minutes to hours)
