@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from sep_hf.data import DataArguments
-from sep_hf.jobs.common import RunArguments, parse_recipe_args, setup_logging
+from sep_hf.jobs.common import RunArguments, parse_recipe_args, setup_logging, run_main
 from sep_hf.jobs.protect import ProtectArguments, budget_text, run_protection
 from sep_hf.launch import prepare_launch
 from sep_hf.protections import protection_arguments
@@ -48,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 
 from sep_hf.data import DataArguments
 from sep_hf.defenses import defense_arguments
-from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging
+from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
 from sep_hf.jobs.source import run_source_training
 from sep_hf.launch import prepare_launch
 from sep_hf.runtime import resolve_mixed_precision
@@ -49,4 +49,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

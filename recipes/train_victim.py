@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 from sep_hf.cards import defense_label
 from sep_hf.data import DataArguments
 from sep_hf.defenses import defense_arguments
-from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging
+from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
 from sep_hf.jobs.victim import VictimArguments, run_victim
 from sep_hf.launch import prepare_launch
 from sep_hf.victims import VictimTrainingConfig
@@ -54,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -212,6 +212,33 @@ def measured_matrix_section(method: str, eps: int | None, preset: str, path: Pat
             f"(at least {measured.get('defeat_share', 0.8):.0%} of the clean-data accuracy): {defeated}.{missing}")
 
 
+PROTECTION_BEGIN = "<!-- sep-hf protection: begin -->"
+PROTECTION_END = "<!-- sep-hf protection: end -->"
+_MERGED_LISTS = ("tags", "task_categories", "source_datasets")
+
+
+def keep_owner_card(owner_card, data, body: str):
+    """(card data, body) of a repo protected in place: the owner's text and metadata (license, citation,
+    pretty name, ...) are kept; sep-hf's tags are added to theirs, its ``configs`` / ``dataset_info``
+    describe the new files, and its section (between ``PROTECTION_BEGIN`` and ``PROTECTION_END``)
+    replaces the one of an earlier protection or is appended."""
+    from huggingface_hub import DatasetCardData
+
+    merged = owner_card.data.to_dict()
+    for key, value in data.to_dict().items():
+        if key in _MERGED_LISTS and merged.get(key):
+            merged[key] = list(dict.fromkeys([*merged[key], *(value or [])]))
+        elif key not in merged or merged[key] is None or key in ("configs", "dataset_info"):
+            merged[key] = value
+    text = owner_card.text
+    if PROTECTION_BEGIN in text and PROTECTION_END in text:
+        head, rest = text.split(PROTECTION_BEGIN, 1)
+        text = head.rstrip() + "\n\n" + body.strip() + "\n" + rest.split(PROTECTION_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip() + "\n\n" + body.strip() + "\n"
+    return DatasetCardData(**merged), text
+
+
 def protected_dataset_card(results: dict, method_lines: list[str], grid_file: str):
     """Card data and body of a protected dataset; figures come from ``results`` (results.json) and the
     method's own lines (``ProtectionTransform.card_lines``)."""
@@ -237,6 +264,9 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
     pixel_line = "- pixels stored as lossless PNG, rounded to uint8; " + (
         f"every pixel satisfies |x' - x| <= {results['eps']}/255" if bounded
         else "the perturbation is not norm-bounded (see max L-inf below)")
+    if results.get("resolution"):
+        pixel_line += (f"\n- resolution: {results['resolution']}; the budget holds against every pixel of the source "
+                       "as `load_dataset` decodes it (EXIF orientation applied, 16-bit and float images scaled to 8 bits)")
     mode = results.get("image_mode")
     if mode and mode != "RGB":  # RGB cards read as they always did
         pixel_line += (f"\n- images keep the source's mode `{mode}`: "
@@ -244,6 +274,7 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
                        + ("; the alpha channel is copied unchanged" if mode.endswith("A") else ""))
     method_text = "\n".join(method_lines)
     body = f"""
+{PROTECTION_BEGIN}
 # {data.pretty_name}
 
 Images of `{source_dataset}`{revision} with a perturbation crafted by **{results['method'].upper()}**{reference}
@@ -278,6 +309,7 @@ Accuracy on the clean test split of models trained on this protected data:
 ```json
 {config_json}
 ```
+{PROTECTION_END}
 """
     return data, body
 
@@ -301,7 +333,10 @@ def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
     )]
     data = ModelCardData(
         library_name="transformers", tags=["sep-hf", "victim", "timm", "image-classification", results["defense"]],
-        datasets=[d for d in {train_id, eval_id} if not d.startswith("/")], metrics=["accuracy"],
+        # Hub datasets only (they have a revision); a local folder is named in the text by its folder name
+        datasets=list(dict.fromkeys(d for d, revision in ((train_id, results.get("dataset_revision")),
+                                                          (eval_id, results.get("eval_dataset_revision"))) if revision)),
+        metrics=["accuracy"],
         model_name=name, eval_results=eval_results, pipeline_tag="image-classification",
     )
     reference = results.get("clean_reference_accuracy")

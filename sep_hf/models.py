@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "build_model", "list_cifar_models", "timm_model_args", "check_model_name"]
+__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "resize_matrix", "RaggedResize", "build_model", "list_cifar_models", "timm_model_args", "check_model_name"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -162,6 +162,45 @@ def resize_to_model(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def resize_matrix(length: int, size: int, device=None) -> torch.Tensor:
+    """The 1-D operator of ``resize_to_model`` along one axis: (size, length), float32.
+
+    Antialiased bilinear resizing is separable, so resizing an (H, W) image to (S, S') is
+    ``resize_matrix(H, S) @ x @ resize_matrix(W, S').T`` (equal to ``interpolate`` to float rounding).
+    """
+    eye = torch.eye(length, device=device).view(length, 1, 1, length)
+    return F.interpolate(eye, size=(1, size), mode="bilinear", antialias=True, align_corners=False).reshape(length, size).T
+
+
+class RaggedResize:
+    """``resize_to_model`` of images of different sizes held in one zero-padded canvas, as two batched
+    matmuls (no per-image loop): canvas (N, C, Hmax, Wmax), image i in its top-left ``sizes[i]`` =
+    (h_i, w_i) corner -> (N, C, H', W'). Differentiable; the gradient on the padding is exactly zero.
+    Runs in float32 even under autocast (a bf16 resize would round the perturbation away)."""
+
+    def __init__(self, sizes: torch.Tensor, canvas: Sequence[int], size: Sequence[int], device=None):
+        operators = {}
+        rows = torch.zeros(len(sizes), size[0], canvas[0], device=device)
+        cols = torch.zeros(len(sizes), size[1], canvas[1], device=device)
+        for i, (height, width) in enumerate(sizes.tolist()):
+            for key in ((height, size[0]), (width, size[1])):
+                if key not in operators:
+                    operators[key] = resize_matrix(*key, device=device)
+            rows[i, :, :height] = operators[(height, size[0])]
+            cols[i, :, :width] = operators[(width, size[1])]
+        self.rows, self.cols = rows.unsqueeze(1), cols.transpose(1, 2).unsqueeze(1)  # (N,1,H',Hmax), (N,1,Wmax,W')
+
+    def __getitem__(self, index) -> "RaggedResize":
+        """The resize of a subset of the canvas's images (index: rows of the canvas)."""
+        subset = object.__new__(RaggedResize)
+        subset.rows, subset.cols = self.rows[index], self.cols[index]
+        return subset
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.rows @ (x.float() @ self.cols)
 
 
 class ImageClassifier(nn.Module):

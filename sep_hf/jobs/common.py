@@ -6,8 +6,8 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["RunArguments", "HubArguments", "parse_recipe_args", "setup_logging", "RESULTS_FILE", "CURVE_FILE",
-           "CARD_FILE"]
+__all__ = ["RunArguments", "HubArguments", "parse_recipe_args", "setup_logging", "run_main", "RESULTS_FILE",
+           "CURVE_FILE", "CARD_FILE"]
 
 RESULTS_FILE = "results.json"
 CURVE_FILE = "training_curve.png"
@@ -48,3 +48,22 @@ def parse_recipe_args(parser) -> tuple:
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("sep_hf").setLevel(logging.INFO)
+
+
+def run_main(main) -> None:
+    """Run a recipe's ``main``; a user error (bad dataset, flag, budget, checkpoints or Hub repo) ends in
+    one line on stderr saying what to do, and exit status 2, instead of a traceback.
+
+    ``SEP_HF_TRACEBACK=1`` shows the traceback anyway. Anything else (a bug) keeps its traceback.
+    """
+    import os
+
+    from sep_hf.hub import HubError
+
+    try:
+        main()
+    except (ValueError, HubError) as err:  # DatasetError and CheckpointError are ValueErrors
+        if os.environ.get("SEP_HF_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

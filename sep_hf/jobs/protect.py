@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sep_hf import hub
-from sep_hf.cards import protected_dataset_card, sample_grid_png
+from sep_hf.cards import keep_owner_card, protected_dataset_card, sample_grid_png
 from sep_hf.data import DataArguments, DatasetError, ImageDataset, ImageRows, SplitScan, TrainingData, colour_mode, \
     decode_batch, embed_image_bytes, evaluation_split, first_rows, held_out_rows, model_size, model_view, public_name, \
     scan_split, uint8_to_float, union_mode, write_hub_layout
@@ -321,8 +321,11 @@ def run_protection(
     if getattr(transform_cls, "needs_other_class", False) and dataset.columns.num_classes < 2:
         raise ValueError(f"--method {args.method} pushes every image towards another class, but dataset "
                          f"'{data_args.dataset}' has {dataset.columns.num_classes} class: it would change nothing.")
+    owner_card = None
     if args.push_to_hub and accelerator.is_main_process:  # fail now, not after hours of crafting
         hub.check_write_access(args.hub_dataset_id, "dataset")
+        if dataset.dataset_id == args.hub_dataset_id and "README.md" in hub.repo_files(args.hub_dataset_id, "dataset"):
+            owner_card = hub.load_card(args.hub_dataset_id, "dataset")  # protected in place: their card is kept
         if not any(getattr(item, "checkpoints", None) for item in method_args):
             hub.check_write_access(args.hub_source_model_id, "model")
     splits = _published_splits(dataset, args, data_args)
@@ -396,6 +399,8 @@ def run_protection(
     }
     folder = output_dir / DATASET_DIR
     card_data, body = protected_dataset_card(results, transform.card_lines(results), GRID_FILE)
+    if owner_card is not None:
+        card_data, body = keep_owner_card(owner_card, card_data, body)
     write_hub_layout(protected, folder, card_data, body)
     # A method without an L-inf budget (e.g. CUDA) scales the grid's perturbation row to its largest change
     budget = results["eps"] if results["eps"] is not None else max(results["max_linf"], 1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sep_hf import hub
-from sep_hf.data import DataArguments, load_training_data
+from sep_hf.data import DataArguments, load_training_data, public_name, resolve_dataset_name
 from sep_hf.io import write_json
 from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments
 from sep_hf.presets import apply_preset
@@ -103,20 +103,23 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
     results = train_victim(config, data, output_dir, defense, mixed_precision=mixed_precision)
     if not state.is_main_process:
         return None
+    # Public names only: a local folder is named by its folder name, never by its path (cards are pushed).
     results.update(
-        model=config.model, defense=config.defense, dataset=data.dataset_id, dataset_revision=data.dataset_revision,
-        eval_dataset=data.eval_dataset_id or data.dataset_id,
+        model=config.model, defense=config.defense, dataset=public_name(data.dataset_id),
+        dataset_revision=data.dataset_revision, eval_dataset=public_name(data.eval_dataset_id or data.dataset_id),
         eval_dataset_revision=data.eval_dataset_revision if data.eval_dataset_id else data.dataset_revision,
-        eval_split=data_args.eval_split, preset=run_args.preset, clean_reference_accuracy=victim_args.clean_reference_accuracy,
-        clean_dataset=victim_args.clean_dataset if victim_args.clean_fraction > 0 else None,
+        eval_split=data.eval_split, image_size=list(data.train_images.shape[2:]), preset=run_args.preset,
+        clean_reference_accuracy=victim_args.clean_reference_accuracy,
+        clean_dataset=public_name(resolve_dataset_name(victim_args.clean_dataset)) if victim_args.clean_fraction > 0 else None,
         clean_fraction=victim_args.clean_fraction,
         hub_model_id=hub_args.hub_model_id if hub_args.push_to_hub else None,
     )
     model_dir = output_dir / "model"
+    (model_dir / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle holds local paths; not needed to load
     history = results["history"]
     (model_dir / CURVE_FILE).write_bytes(accuracy_curve_png(
         [row["epoch"] for row in history], [row["eval_accuracy"] for row in history],
-        title=f"{config.model} on {data.dataset_id.split('/')[-1]} ({config.defense})"))
+        title=f"{config.model} on {results['dataset'].split('/')[-1]} ({config.defense})"))
     victim_model_card(results["hub_model_id"], results, CURVE_FILE).save(model_dir / CARD_FILE)
     write_json(model_dir / RESULTS_FILE, results)
     write_json(output_dir / RESULTS_FILE, results)

@@ -126,31 +126,76 @@ class ProtectionTransform:
         return {}
 
     # -- the map function ------------------------------------------------------------------------
+    ragged: ClassVar[bool] = False  # True: protect(..., sizes=) takes images of different sizes in one canvas
+    canvas_elements: ClassVar[int] = 2**25  # largest zero-padded canvas (N x C x Hmax x Wmax) protected at once
+
     def outputs(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                alpha: torch.Tensor | None = None) -> dict:
+                alpha: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> dict:
         """Protect float images and return the map output: PNG images (+ per-example statistics).
 
         ``images`` are colour channels only; ``alpha`` (uint8 (N, 1, H, W), or None) is written back
-        unchanged, so an RGBA (LA) source is published RGBA (LA) with the same alpha.
+        unchanged, so an RGBA (LA) source is published RGBA (LA) with the same alpha. ``sizes`` (N, 2):
+        a zero-padded canvas of images of different sizes (``ragged`` methods), each cropped back.
         """
-        protected = self.protect(images, labels, indices).cpu()
-        output = {self.image_column: tensor_to_png_images(protected, alpha)}
+        if sizes is None:
+            protected = self.protect(images, labels, indices).cpu()
+            output = {self.image_column: tensor_to_png_images(protected, alpha)}
+            if self.return_stats:
+                output.update(perturbation_stats(images, protected))
+                output.update(self.extra_stats(protected, labels))
+            return output
+        protected = self.protect(images, labels, indices, sizes=sizes).cpu()
+        crops = [(images[i, :, :h, :w], protected[i, :, :h, :w], None if alpha is None else alpha[i, :, :h, :w])
+                 for i, (h, w) in enumerate(sizes.tolist())]
+        output = {self.image_column: [tensor_to_png_images(after[None], None if a is None else a[None])[0]
+                                      for _, after, a in crops]}
         if self.return_stats:
-            output.update(perturbation_stats(images, protected))
-            output.update(self.extra_stats(protected, labels))
+            for before, after, _ in crops:
+                for name, values in perturbation_stats(before[None], after[None]).items():
+                    output.setdefault(name, []).extend(values)
+            output.update(self.extra_stats([after for _, after, _ in crops], labels))
         return output
 
     def bucketed_outputs(self, images: list[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor) -> dict:
-        """``outputs`` of uint8 (C, H, W) images of any sizes: each size is protected as one batch, and
-        the rows come back in their order. The last channel of a 2- or 4-channel image is alpha."""
-        by_size: dict[tuple, list[int]] = {}
-        for position, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape), []).append(position)
+        """``outputs`` of uint8 (C, H, W) images of any sizes, rows returned in their order. The last
+        channel of a 2- or 4-channel image is alpha.
+
+        Images of one size are protected as one batch. A ``ragged`` method also takes images of
+        different sizes together: sorted by size, they are packed into zero-padded canvases of at most
+        ``canvas_elements`` elements, so random photo sizes still make full batches.
+        """
+        if self.ragged:
+            order = sorted(range(len(images)), key=lambda p: tuple(images[p].shape))
+            groups, current = [], []
+            for position in order:
+                shape = images[position].shape
+                canvas = (len(current) + 1) * shape[0] * max([shape[1]] + [images[p].shape[1] for p in current]) \
+                    * max([shape[2]] + [images[p].shape[2] for p in current])
+                if current and canvas > self.canvas_elements:
+                    groups.append(current)
+                    current = []
+                current.append(position)
+            groups.append(current)
+        else:
+            by_size: dict[tuple, list[int]] = {}
+            for position, image in enumerate(images):
+                by_size.setdefault(tuple(image.shape), []).append(position)
+            groups = list(by_size.values())
         merged: dict[str, list] = {}
-        for positions in by_size.values():
+        for positions in groups:
             rows = torch.as_tensor(positions)
-            colour, alpha = split_alpha(torch.stack([images[p] for p in positions]))
-            part = self.outputs(uint8_to_float(colour), labels[rows], indices[rows], alpha)
+            shapes = {tuple(images[p].shape) for p in positions}
+            if len(shapes) == 1:
+                batch, sizes = torch.stack([images[p] for p in positions]), None
+            else:
+                channels = images[positions[0]].shape[0]
+                height, width = (max(images[p].shape[axis] for p in positions) for axis in (1, 2))
+                batch = torch.zeros(len(positions), channels, height, width, dtype=torch.uint8)
+                for slot, p in enumerate(positions):
+                    batch[slot, :, : images[p].shape[1], : images[p].shape[2]] = images[p]
+                sizes = torch.as_tensor([tuple(images[p].shape[1:]) for p in positions])
+            colour, alpha = split_alpha(batch)
+            part = self.outputs(uint8_to_float(colour), labels[rows], indices[rows], alpha, sizes)
             for name, values in part.items():
                 merged.setdefault(name, [None] * len(images))
                 for position, value in zip(positions, values):

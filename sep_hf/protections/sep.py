@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -35,10 +36,14 @@ from sep_hf.attacks import pgd, sign_step
 from sep_hf.eot import apply_views, draw_keys, lowpass_direction, parse_views, splitmix64
 from sep_hf.data import public_name
 from sep_hf.ensemble import CheckpointEnsemble, tensor_hash
+from sep_hf.models import RaggedResize, resize_to_model
 from sep_hf.protections import register_protection
 from sep_hf.protections.base import SEP_PAPER, ProtectionTransform, budget_clamp, config_hash
 
-__all__ = ["SEPConfig", "SEPArguments", "SEPTransform", "craft_sep", "vr_picks", "target_classes", "splitmix64"]
+__all__ = ["SEPConfig", "SEPArguments", "SEPTransform", "craft_sep", "vr_picks", "target_classes", "present_targets",
+           "splitmix64"]
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("sep", "sep-fa", "sep-fa-vr")
 
@@ -116,6 +121,21 @@ def target_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (labels + num_classes // 2) % num_classes
 
 
+def present_targets(class_counts: torch.Tensor) -> torch.Tensor | None:
+    """g(y) over the classes that have training images only: (C,) target of each class, or None when
+    every class has images (then g is ``target_classes``). With present classes p_0 < ... < p_{P-1},
+    class y (present or not) targets p[(rank(y) + P/2) mod P], rank(y) = #present classes below y; a class without
+    images has no mean feature (SEP-FA) and is never a target. Raises ValueError with fewer than two present."""
+    present = (class_counts > 0).nonzero().squeeze(1)
+    if len(present) == len(class_counts):
+        return None
+    if len(present) < 2:
+        raise ValueError(f"SEP pushes each image towards another class, but only {len(present)} of "
+                         f"{len(class_counts)} classes have training images.")
+    rank = torch.searchsorted(present, torch.arange(len(class_counts)))
+    return present[(rank + len(present) // 2) % len(present)]
+
+
 def vr_picks(indices: torch.Tensor, seed: int, outer_step: int, inner_steps: int, num_models: int) -> torch.Tensor:
     """(N, M) checkpoint picks for VR, a pure function of (seed, global index, step): no process state."""
     key = splitmix64(torch.full_like(indices, seed) * 1_000_003 + indices.long())
@@ -177,11 +197,41 @@ def _vr_direction(ensemble, x, center, eps: float, target, class_means, config: 
         for k in picks[:, m].unique().tolist():
             chosen = (picks[:, m] == k).nonzero().squeeze(1)
             inner_keys = keys(K + m)
-            direction[chosen] = _view_grad(ensemble, k, inner[chosen], target[chosen], class_means, config,
+            seen_by = ensemble.rows(chosen) if isinstance(ensemble, _ViewedEnsemble) else ensemble
+            direction[chosen] = _view_grad(seen_by, k, inner[chosen], target[chosen], class_means, config,
                                            None if inner_keys is None else inner_keys[chosen])
         accumulated += direction - (per_model[picks[:, m], rows] - mean_grad)
         inner = sign_step(inner, _lowpass(accumulated, config), center, eps, config.step_size)
     return accumulated
+
+
+class _ViewedModel(torch.nn.Module):
+    """A checkpoint behind a fixed input view (``RaggedResize``): ``model(view(x))``, ``features`` too."""
+
+    def __init__(self, model, view):
+        super().__init__()
+        self.model, self.view = model, view
+
+    def forward(self, x):
+        return self.model(self.view(x))
+
+    def features(self, x):
+        return self.model.features(self.view(x))
+
+
+class _ViewedEnsemble:
+    """The ensemble as ``craft_sep`` uses it, every checkpoint seen through one input view."""
+
+    def __init__(self, ensemble: CheckpointEnsemble, view):
+        self.ensemble, self.view = ensemble, view
+        self.models = [_ViewedModel(model, view) for model in ensemble.models]
+
+    def rows(self, index) -> "_ViewedEnsemble":
+        """The ensemble as seen by a subset of the images (their own resizes)."""
+        return _ViewedEnsemble(self.ensemble, self.view[index])
+
+    def __getattr__(self, name):
+        return getattr(self.ensemble, name)
 
 
 def craft_sep(
@@ -191,22 +241,35 @@ def craft_sep(
     config: SEPConfig,
     indices: torch.Tensor | None = None,
     class_means: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Protect ``images`` (N, C, H, W) in [0, 1] with SEP; returns float pixels on the 1/255 grid.
 
-    ``indices`` (global example indices, default 0..N-1) seed VR's picks. ``class_means`` (K, C, D)
-    for the FA variants; by default they are computed from ``images`` and ``labels`` themselves,
-    so pass the ones of the whole training set when crafting a part of it.
+    Images of any size: each checkpoint resizes its input to its own size (``models.resize_to_model``),
+    so the perturbation is crafted at the images' resolution through that resize. ``indices`` (global
+    example indices, default 0..N-1) seed VR's picks. ``class_means`` (K, C, D) for the FA variants;
+    by default they are computed from ``images`` and ``labels`` themselves, so pass the ones of the
+    whole training set when crafting a part of it. ``targets`` (C,): the target class of each class
+    (``present_targets``; default ``target_classes``). ``sizes`` (N, 2): images of different sizes in
+    one zero-padded canvas, image i in its top-left (h_i, w_i) corner; the checkpoints see each one
+    resized by ``models.RaggedResize`` (batched, no per-image loop) and the padding stays zero.
+    Raises ValueError for labels outside the classes, or ``sizes`` without ``class_means`` for SEP-FA.
     """
     if images.ndim != 4 or len(images) != len(labels):
         raise ValueError(f"images must be (N, C, H, W) with N = len(labels); got {tuple(images.shape)}, {len(labels)}.")
     device = ensemble.device
+    if sizes is not None and bool((sizes != sizes[0]).any()):
+        if config.uses_features and class_means is None:
+            raise ValueError("Images of different sizes in one canvas need class_means (of the training images).")
+        view = RaggedResize(sizes, images.shape[-2:], ensemble.models[0].input_size, device=device)
+        ensemble = _ViewedEnsemble(ensemble, view)
     original = images.to(device, torch.float32)
     labels = labels.to(device)
     if labels.numel() and (labels.min() < 0 or labels.max() >= ensemble.num_classes):
         raise ValueError(f"labels must be in [0, {ensemble.num_classes}); the ensemble has {ensemble.num_classes} classes.")
     indices = (torch.arange(len(labels)) if indices is None else indices).to(device)
-    target = target_classes(labels, ensemble.num_classes)
+    target = target_classes(labels, ensemble.num_classes) if targets is None else targets.to(device)[labels]
     if config.uses_features:
         if class_means is None:
             class_means = ensemble.class_means(images, labels.cpu())
@@ -268,10 +331,13 @@ class SEPTransform(ProtectionTransform):
     paper = SEP_PAPER
     extra_stat_features = {"checkpoints_predicting_label": "int32", "checkpoints_predicting_target": "int32"}
     needs_other_class = True  # pushes every image towards another class than its own
+    ragged = True  # crafts images of different sizes together (sizes=...), through the models' resize
 
     def __init__(self, ensemble: CheckpointEnsemble, config: SEPConfig, class_means: torch.Tensor | None = None,
-                 image_column: str = "img", label_column: str = "label", return_stats: bool = False):
+                 image_column: str = "img", label_column: str = "label", return_stats: bool = False,
+                 targets: torch.Tensor | None = None):
         super().__init__(image_column, label_column, return_stats)
+        self.targets = targets  # None: g(y) = (y + C/2) mod C over all classes
         if config.uses_features and class_means is None:
             raise ValueError(f"{config.method} needs class_means: ensemble.class_means(train_images, train_labels).")
         self.name = config.method
@@ -279,12 +345,16 @@ class SEPTransform(ProtectionTransform):
         self.config = config
         self.class_means = class_means
 
-    def protect(self, images, labels, indices):
-        return craft_sep(images, labels, self.ensemble, self.config, indices=indices, class_means=self.class_means)
+    def protect(self, images, labels, indices, sizes=None):
+        return craft_sep(images, labels, self.ensemble, self.config, indices=indices, class_means=self.class_means,
+                         targets=self.targets, sizes=sizes)
 
     def extra_stats(self, protected, labels):
+        if isinstance(protected, list):  # images of different sizes: each as the checkpoints see it
+            size = self.ensemble.models[0].input_size
+            protected = torch.cat([resize_to_model(image[None], size) for image in protected])
         predictions = self.ensemble.predict(protected)  # (K, N)
-        target = target_classes(labels, self.ensemble.num_classes)
+        target = target_classes(labels, self.ensemble.num_classes) if self.targets is None else self.targets[labels]
         return {
             "checkpoints_predicting_label": (predictions == labels).sum(0).tolist(),
             "checkpoints_predicting_target": (predictions == target).sum(0).tolist(),
@@ -305,12 +375,17 @@ class SEPTransform(ProtectionTransform):
             num_models = SEPArguments.PAPER_NUM_MODELS[config.method]
         ensemble = context.ensemble(args.checkpoints, args.checkpoints_revision, num_models)
         class_means = None
+        images, labels = context.train_tensors
+        targets = present_targets(torch.bincount(labels[labels >= 0], minlength=ensemble.num_classes))
+        if targets is not None:
+            logger.warning("%d of %d classes have no training images: SEP targets only the %d that do",
+                           int((torch.bincount(labels[labels >= 0], minlength=ensemble.num_classes) == 0).sum()),
+                           ensemble.num_classes, len(targets.unique()))
         if config.uses_features:
-            images, labels = context.train_tensors
             with context.accelerator.main_process_first():  # the main process computes, the others read its cache
                 class_means = ensemble.class_means(images, labels, cache_dir=context.output_dir / "cache" / "class_means")
         transform = cls(ensemble, config, class_means, image_column=context.columns.image,
-                        label_column=context.columns.label, return_stats=True)
+                        label_column=context.columns.label, return_stats=True, targets=targets)
         transform.name = name
         return transform
 
@@ -334,4 +409,5 @@ class SEPTransform(ProtectionTransform):
 
     def fingerprint(self) -> str:
         means = None if self.class_means is None else tensor_hash(self.class_means)
-        return config_hash(asdict(self.config), self.ensemble.fingerprint, means, self.ensemble.device.type)
+        targets = () if self.targets is None else (self.targets.tolist(),)  # all classes present: the historical key
+        return config_hash(asdict(self.config), self.ensemble.fingerprint, means, self.ensemble.device.type, *targets)
