@@ -246,3 +246,28 @@ def test_sep_targets_only_classes_that_have_training_images():
     assert present_targets(torch.ones(10)) is None  # all present: g(y) = (y + 5) mod 10, as before
     with pytest.raises(ValueError, match="only 1 of 10 classes"):
         present_targets(torch.tensor([0, 5, 0, 0, 0, 0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("method", ["sep", "sep-fa-vr"])
+def test_images_of_different_sizes_crafted_together_match_crafting_each_alone(tiny_ensemble, method):
+    """A zero-padded canvas (RaggedResize) gives each image what crafting it alone (interpolate) gives."""
+    from sep_hf.protections.sep import SEPConfig, craft_sep
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(40, 56), (48, 36), (32, 32)]
+    images = [torch.randint(0, 256, (3, h, w), generator=generator).float() / 255 for h, w in shapes]
+    labels, indices = torch.tensor([1, 4, 7]), torch.tensor([10, 11, 12])
+    means = torch.randn(tiny_ensemble.num_models, 10, tiny_ensemble.models[0].features(torch.zeros(1, 3, 32, 32)).shape[1],
+                        generator=generator)
+    config = SEPConfig(method=method, eps=8 / 255, steps=3, step_size=2 / 255, bf16=False)
+    canvas = torch.zeros(3, 3, 48, 56)
+    for slot, image in enumerate(images):
+        canvas[slot, :, : image.shape[1], : image.shape[2]] = image
+    together = craft_sep(canvas, labels, tiny_ensemble, config, indices, means, sizes=torch.tensor(shapes))
+    for slot, image in enumerate(images):
+        alone = craft_sep(image[None], labels[slot : slot + 1], tiny_ensemble, config, indices[slot : slot + 1], means)
+        crop = together[slot, :, : image.shape[1], : image.shape[2]]
+        levels = ((crop - alone[0]) * 255).round().abs()
+        assert levels.max() <= 1 and (levels == 0).float().mean() > 0.99, (slot, levels.max(), (levels > 0).sum())
+        assert ((crop - image).abs().amax() * 255).round() <= 8
+    assert together[0, :, 40:].abs().max() == 0 and together[1, :, :, 36:].abs().max() == 0  # padding untouched
