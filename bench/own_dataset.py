@@ -11,7 +11,8 @@ Stages (each skips what an earlier run finished; outputs under bench/runs/own_da
             source's, per-pixel budget, PSNR, crafting img/s.
 - victims:  recipes/train_victim.py --preset cpu --image_size 64 (the appropriator resizes to the model
             size) on the clean and on the protected folder, evaluated on photos-test.
-- rss:      peak RSS of `python recipes/protect.py` (one process, given checkpoints, SEP 1 step) on
+- rss:      peak RSS of `python recipes/protect.py` (one process, given checkpoints, SEP-FA with one
+            checkpoint and 1 step: class means over every image, then crafting) on
             N images of 112-144 px, for each N of --rss_sizes, at the default --keep_in_memory_mb and at 0.
 - size224:  a timm resnet18 source at --image_size 224 on 224-px-class images: cost per image.
 Writes bench/results/own_dataset.{json,md}.
@@ -139,7 +140,8 @@ def rss(args, state) -> None:
             out = ROOT / f"rss-{count}-{budget}"
             command = [sys.executable, str(REPO_ROOT / "recipes" / "protect.py"), "--dataset", str(folder),
                        "--preset", "cpu", "--image_size", str(args.image_size), "--checkpoints", str(checkpoints),
-                       "--method", "sep", "--steps", "1", "--keep_in_memory_mb", str(budget), "--output_dir", str(out)]
+                       "--method", "sep-fa", "--steps", "1", "--num_models", "1", "--keep_in_memory_mb", str(budget),
+                       "--output_dir", str(out)]
             start = time.perf_counter()
             with open(ROOT / f"rss-{count}-{budget}.log", "w") as log:
                 result = subprocess.run(["/usr/bin/time", "-v", *command], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -375,13 +375,14 @@ class SEPTransform(ProtectionTransform):
             num_models = SEPArguments.PAPER_NUM_MODELS[config.method]
         ensemble = context.ensemble(args.checkpoints, args.checkpoints_revision, num_models)
         class_means = None
-        images, labels = context.train_tensors
-        targets = present_targets(torch.bincount(labels[labels >= 0], minlength=ensemble.num_classes))
+        labels = torch.from_numpy(context.scans[context.data_args.train_split].labels)
+        counts = torch.bincount(labels[labels >= 0], minlength=ensemble.num_classes)
+        targets = present_targets(counts)
         if targets is not None:
             logger.warning("%d of %d classes have no training images: SEP targets only the %d that do",
-                           int((torch.bincount(labels[labels >= 0], minlength=ensemble.num_classes) == 0).sum()),
-                           ensemble.num_classes, len(targets.unique()))
+                           int((counts == 0).sum()), ensemble.num_classes, int((counts > 0).sum()))
         if config.uses_features:
+            images, labels = context.train_tensors
             with context.accelerator.main_process_first():  # the main process computes, the others read its cache
                 class_means = ensemble.class_means(images, labels, cache_dir=context.output_dir / "cache" / "class_means")
         transform = cls(ensemble, config, class_means, image_column=context.columns.image,
