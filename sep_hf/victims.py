@@ -190,6 +190,10 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     defense = defense or Defense()
     if defense.name != config.defense:
         raise ValueError(f"config.defense is '{config.defense}' but the defense passed is '{defense.name}'.")
+    if not isinstance(data.train_images, torch.Tensor) and config.defense != "none":
+        raise ValueError(f"--defense {config.defense} transforms the whole training split in memory: raise "
+                         f"--keep_in_memory_mb above its decoded size ({len(data.train_labels)} images at "
+                         f"{data.train_images.shape[2]}x{data.train_images.shape[3]}).")
     start = time.perf_counter()
     train_images = defense.prepare_training_images(data.train_images)  # once, training split only
     prepare_seconds = time.perf_counter() - start
