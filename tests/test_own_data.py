@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import HfApi
 from PIL import Image
 
-from conftest import CIFAR10_DIR, SHARED_DIR, launch_command
+from conftest import CIFAR10_DIR, REPO_ROOT, SHARED_DIR, launch_command
 from sep_hf.data import DataArguments, DatasetError, decode_image, load_training_data
 from sep_hf.jobs.common import HubArguments, RunArguments
 from sep_hf.jobs.protect import ProtectArguments, run_protection
@@ -91,12 +91,15 @@ def test_photo_folder_is_published_at_native_resolution_through_the_hub(photos, 
 
 
 def test_mixed_sizes_without_a_model_size_is_one_clear_line_before_compute(photos, tmp_path):
-    result = subprocess.run(launch_command("protect.py", ["--dataset", photos, "--preset", "cpu", "--output_dir",
-                                                          tmp_path / "run"]), capture_output=True, text=True, timeout=300)
+    command = ["recipes/protect.py", "--dataset", str(photos), "--preset", "cpu", "--output_dir", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "--image_size S" in last and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "source").exists()  # nothing trained
+    # Through `accelerate launch` the same line is printed (accelerate adds its own traceback unless -q)
+    launched = subprocess.run(launch_command("protect.py", command[1:]), capture_output=True, text=True, timeout=300)
+    assert launched.returncode != 0 and last in launched.stderr and "sep_hf/" not in launched.stderr
 
 
 def test_train_only_folder_holds_out_part_for_evaluation(photos):
