@@ -69,6 +69,7 @@ __all__ = [
     "TrainingData",
     "load_training_data",
     "embed_image_bytes",
+    "undecoded",
     "write_hub_layout",
 ]
 
@@ -463,7 +464,7 @@ def tensor_to_png_images(images: torch.Tensor, alpha: torch.Tensor | None = None
     return [{"bytes": encode_png(image), "path": None} for image in images.cpu()]
 
 
-def _encoded(split, columns: ImageColumns):
+def undecoded(split, columns: ImageColumns):
     """The split with its image column left encoded, so this module decodes (and names a bad row)."""
     import datasets
 
@@ -530,7 +531,7 @@ def scan_split(split, columns: ImageColumns, max_samples: int | None = None, res
 
     num_rows = split.num_rows if max_samples is None else min(max_samples, split.num_rows)
     where = _where(split)
-    split = _encoded(split, columns)
+    split = undecoded(split, columns)
     sizes, modes, labels = np.zeros((num_rows, 2), dtype=np.int64), set(), []
     for start in tqdm(range(0, num_rows, _DECODE_BATCH), desc=desc or "Checking images", unit="batch",
                       disable=desc is None):
@@ -570,7 +571,7 @@ def split_to_tensors(
     if num_rows == 0:
         raise DatasetError(f"No rows to read from column '{columns.image}' (max_samples={max_samples}).")
     where = _where(split)
-    split = _encoded(split, columns)  # decode here, so an undecodable image is reported with its row
+    split = undecoded(split, columns)  # decode here, so an undecodable image is reported with its row
     images, labels = [], []
     for start in tqdm(range(0, num_rows, _DECODE_BATCH), desc=desc or "Decoding images", unit="batch",
                       disable=desc is None):
@@ -606,7 +607,7 @@ class ImageRows:
                  num_rows: int | None = None):
         self.where = _where(split)
         self.source, self.columns = split, columns
-        self.split = _encoded(split, columns).select_columns([columns.image])
+        self.split = undecoded(split, columns).select_columns([columns.image])
         self.column, self.mode, self.size, self.resize = columns.image, mode, tuple(size), resize
         self.num_rows = split.num_rows if num_rows is None else num_rows
         channels = 1 if mode.startswith("L") else 3
@@ -817,7 +818,7 @@ def load_training_data(args: DataArguments, dataset: ImageDataset | None = None)
 # writing a Hub-layout dataset folder
 
 
-def embed_image_bytes(split, columns: ImageColumns):
+def embed_image_bytes(split):
     """The split with every image's bytes inside the table (an ImageFolder row holds only a local path):
     what ``push_to_hub`` does, so a published split never points at the owner's disk. Paths keep only
     the file name."""

@@ -31,9 +31,9 @@ import torch
 
 from sep_hf import hub
 from sep_hf.cards import keep_owner_card, protected_dataset_card, sample_grid_png
-from sep_hf.data import DataArguments, DatasetError, ImageDataset, ImageRows, SplitScan, TrainingData, colour_mode, \
+from sep_hf.data import DataArguments, DatasetError, ImageDataset, ImageRows, TrainingData, colour_mode, \
     decode_batch, embed_image_bytes, evaluation_split, first_rows, held_out_rows, model_size, model_view, public_name, \
-    scan_split, uint8_to_float, union_mode, write_hub_layout
+    scan_split, uint8_to_float, undecoded, union_mode, write_hub_layout
 from sep_hf.ensemble import CheckpointEnsemble
 from sep_hf.io import write_json
 from sep_hf.jobs.common import RESULTS_FILE, HubArguments, RunArguments
@@ -242,12 +242,6 @@ def _take(images, rows: list[int]):
     return images[torch.as_tensor(rows, dtype=torch.long)]
 
 
-def _encoded_images(split, columns) -> list:
-    import datasets
-
-    return split.cast_column(columns.image, datasets.Image(decode=False))[columns.image]
-
-
 def _resolution(context: ProtectionContext) -> str:
     """How the card states the published resolution against the models' size."""
     size = "x".join(map(str, context.size))
@@ -375,12 +369,12 @@ def run_protection(
     source_columns = next(iter(splits.values())).column_names
     protected = datasets.DatasetDict({
         name: crafted[name].remove_columns([c for c in crafted[name].column_names if c not in source_columns])
-        if name in crafted else embed_image_bytes(split, dataset.columns) for name, split in splits.items()
+        if name in crafted else embed_image_bytes(split) for name, split in splits.items()
     })
     # The grid shows what the models see (every image at the model size), clean above protected.
     first = protect_names[0]
     grid_rows = range(min(GRID_IMAGES, protected[first].num_rows))
-    clean, shown = (uint8_to_float(decode_batch(_encoded_images(split.select(grid_rows), dataset.columns),
+    clean, shown = (uint8_to_float(decode_batch(undecoded(split.select(grid_rows), dataset.columns)[dataset.columns.image],
                                                 colour_mode(context.mode), context.size))
                     for split in (splits[first], protected[first]))
     description = transform.describe()

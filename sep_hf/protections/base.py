@@ -239,6 +239,8 @@ def protect_split(
     Process ``i`` of ``n`` crafts shards ``i, i+n, ...``; each finished shard is an Arrow file that
     ``map`` wrote atomically. Returns the shard paths in order (call ``load_shards`` once all are done).
     """
+    import datasets
+
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     num_shards = math.ceil(split.num_rows / shard_size)
@@ -247,7 +249,7 @@ def protect_split(
     base = config_hash(transform.name, transform.fingerprint(), split._fingerprint, shard_size, transform.return_stats,
                        *(() if mode == "RGB" else (mode,)), *(() if resize is None else (list(resize),)))
     features = transform.output_features(split.features)
-    encoded = split.cast_column(transform.image_column, datasets_image(decode=False))
+    encoded = split.cast_column(transform.image_column, datasets.Image(decode=False))  # decoded here, row named
     paths = []
     for shard_index in range(num_shards):
         start, stop = shard_index * shard_size, min((shard_index + 1) * shard_size, split.num_rows)
@@ -267,12 +269,6 @@ def protect_split(
             new_fingerprint=config_hash(base, shard_index)[:32], desc=f"{desc} [shard {shard_index + 1}/{num_shards}]",
         )
     return paths
-
-
-def datasets_image(decode: bool):
-    import datasets
-
-    return datasets.Image(decode=decode)
 
 
 def _finished(path: Path) -> bool:
