@@ -144,8 +144,7 @@ def test_transform_adds_the_noise_by_global_index(tiny, em_fit, tmp_path):
     split = datasets.Dataset.from_dict({"img": tensor_to_png_images(images), "label": labels.tolist()},
                                        features=features)
     transform = EMTransform(images, em_fit, EMConfig(method="em"), return_stats=True)
-    protected = load_shards(protect_split(split, transform, tmp_path, pixels=(images, labels), shard_size=100,
-                                          batch_size=30))
+    protected = load_shards(protect_split(split, transform, tmp_path, "RGB", shard_size=100, batch_size=30))
     pixels = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in protected["img"]])
     assert torch.equal(pixels.short(), images.short() + em_fit.delta)
     assert max(protected["linf"]) <= 8

@@ -216,9 +216,10 @@ def test_resize_is_honoured_while_crafting(tiny_source_run, tmp_path, accelerato
     assert sizes == {(32, 32)}
 
 
-def test_mixed_sizes_without_resize_ask_for_it(tiny_source_run, tmp_path, accelerator):
+def test_mixed_sizes_without_a_model_size_ask_for_it(tiny_source_run, tmp_path, accelerator):
     folder = _mixed_size_folder(tmp_path / "mixed")
-    with pytest.raises(DatasetError, match=r"have different sizes \(32x32 and 28x28\); pass --resize H W"):
+    with pytest.raises(DatasetError, match=r"have different sizes \(28 to 32 px high, 28 to 32 px wide\); pass "
+                                           r"--image_size S.*or --resize H W"):
         _protect(tmp_path / "run", folder, tiny_source_run, accelerator)
     assert not (tmp_path / "run" / "shards").exists()
 
