@@ -234,8 +234,8 @@ def protect_split(
 
     Each batch is read from the (memory-mapped) Arrow table and decoded here (``decode_batch``) in
     ``mode`` (the published one; an alpha channel is split off and copied unchanged) at each image's
-    own size (or at ``resize``); images of one size are protected together (bucketing), so a batch
-    of mixed sizes needs no padding and no per-pixel loop. Memory: one batch, whatever the split's size.
+    own size (or at ``resize``) and protected by ``bucketed_outputs`` (by size, or in zero-padded
+    canvases for ``ragged`` methods), with no per-pixel loop. Memory: one batch, whatever the split's size.
     Process ``i`` of ``n`` crafts shards ``i, i+n, ...``; each finished shard is an Arrow file that
     ``map`` wrote atomically. Returns the shard paths in order (call ``load_shards`` once all are done).
     """
