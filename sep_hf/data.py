@@ -478,18 +478,20 @@ def _where(split) -> str:
 
 
 def decode_batch(values: Sequence, mode: str, size: Sequence[int] | None = None, resize: Sequence[int] | None = None,
-                 column: str = "image", where: str = "", first_row: int = 0) -> list[torch.Tensor] | torch.Tensor:
+                 column: str = "image", where: str = "", first_row: int | Sequence[int] = 0) -> list[torch.Tensor] | torch.Tensor:
     """Decode images (``decode_image``) into ``mode``'s channels, as uint8 tensors.
 
     ``size=(H, W)``: the model's view: alpha dropped, each image resized with ``resize_to_model`` and
     rounded, returned stacked (N, C, H, W). ``size=None``: a list of (C, H, W) tensors at native
     resolution (or at ``resize``, PIL bicubic, when the user asked to publish at one size).
+    ``first_row``: the row of ``values[0]`` (errors name ``first_row + position``), or every value's row.
     """
     from sep_hf.models import resize_to_model
 
     out = []
     for position, value in enumerate(values):
-        pil = decode_image(value, None, column, where, first_row + position)
+        row = first_row + position if isinstance(first_row, int) else first_row[position]
+        pil = decode_image(value, None, column, where, row)
         if resize is not None and pil.size != (resize[1], resize[0]):
             pil = pil.resize((resize[1], resize[0]), PILImage.BICUBIC)
         array = np.array(pil, dtype=np.uint8)  # a writable copy, as torch.from_numpy needs
@@ -603,13 +605,12 @@ class ImageRows:
 
     dtype = torch.uint8
 
-    def __init__(self, split, columns: ImageColumns, mode: str, size: Sequence[int], resize=None,
-                 num_rows: int | None = None):
+    def __init__(self, split, columns: ImageColumns, mode: str, size: Sequence[int], resize=None):
         self.where = _where(split)
         self.source, self.columns = split, columns
         self.split = undecoded(split, columns).select_columns([columns.image])
         self.column, self.mode, self.size, self.resize = columns.image, mode, tuple(size), resize
-        self.num_rows = split.num_rows if num_rows is None else num_rows
+        self.num_rows = split.num_rows
         channels = 1 if mode.startswith("L") else 3
         self.shape = torch.Size((self.num_rows, channels, *self.size))
         self.device = torch.device("cpu")
@@ -628,7 +629,7 @@ class ImageRows:
         if not rows:
             return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
         values = self.split[rows][self.column]
-        return decode_batch(values, self.mode, self.size, self.resize, self.column, self.where, rows[0])
+        return decode_batch(values, self.mode, self.size, self.resize, self.column, self.where, rows)
 
     def to(self, *args, **kwargs):  # the rows are decoded on the host; each batch is moved by its user
         return self
@@ -693,15 +694,18 @@ def evaluation_split(dataset: ImageDataset, args: DataArguments) -> str | None:
     return next((name for name in EVAL_SPLITS if name in dataset.splits and name != args.train_split), None)
 
 
-def held_out_rows(num_rows: int, percentage: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows) of a split without a test split: a seeded ``percentage`` held out,
-    both sorted; as ``Dataset.train_test_split`` in the transformers image-classification example."""
+def held_out_rows(num_rows: int, args: DataArguments, seed: int = 0) -> tuple[list[int], list[int], str]:
+    """(training rows, held-out rows, the evaluation split's name) of a training split without a test or
+    validation split: a seeded --validation_split_percentage held out (at most --max_eval_samples of
+    them evaluated), both sorted; as ``Dataset.train_test_split`` in the transformers image-classification example."""
+    percentage = args.validation_split_percentage
     count = max(1, round(num_rows * percentage / 100))
     if count >= num_rows:
         raise DatasetError(f"{num_rows} training rows are too few to hold out {percentage:g}% for evaluation; "
                            "pass --eval_split or --eval_dataset.")
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[count:].tolist()), sorted(order[:count].tolist())
+    held_out = sorted(order[:count].tolist())[: args.max_eval_samples]
+    return sorted(order[count:].tolist()), held_out, f"{args.train_split} ({percentage:g}% held out)"
 
 
 def model_size(scans: Iterable[SplitScan], args: DataArguments) -> tuple[int, int]:
@@ -774,9 +778,8 @@ def source_splits(dataset: ImageDataset, eval_dataset: ImageDataset, args: DataA
         if eval_dataset is not dataset:
             raise DatasetError(f"Evaluation dataset '{args.eval_dataset}' has no test or validation split "
                                f"(splits: {', '.join(eval_dataset.splits)}); pass --eval_split.")
-        rows, held_out = held_out_rows(train.num_rows, args.validation_split_percentage)
-        return (train.select(rows), first_rows(train.select(held_out), args.max_eval_samples),
-                f"{args.train_split} ({args.validation_split_percentage:g}% held out)")
+        rows, held_out, name = held_out_rows(train.num_rows, args)
+        return train.select(rows), train.select(held_out), name
     return train, first_rows(eval_dataset.split(eval_name), args.max_eval_samples), eval_name
 
 

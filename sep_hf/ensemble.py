@@ -217,6 +217,11 @@ class CheckpointEnsemble(nn.Module):
             params, buffers, x
         )
 
+    def rows(self, index) -> "CheckpointEnsemble":
+        """The ensemble as a subset of a batch sees it: the same models (``protections.sep`` gives images
+        of different sizes their own input resize, which follows the rows)."""
+        return self
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """Predicted classes, (K, N)."""

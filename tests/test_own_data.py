@@ -240,6 +240,23 @@ def test_protecting_a_hub_repo_in_place_keeps_the_owners_card(tmp_path, accelera
     assert again.count("sep-hf protection: begin") == 1 and "OWNER-TEXT" in again
 
 
+def test_sep_fa_run_targets_only_classes_that_have_training_images(tmp_path, accelerator, tiny_source_run, monkeypatch):
+    import sep_hf.protections.sep as sep_module
+
+    source = datasets.load_dataset(str(CIFAR10_DIR), split="train").select(range(200))
+    few = source.filter(lambda row: row["label"] in (0, 1, 2, 3)).select(range(24))
+    folder = tmp_path / "four-classes"
+    for name, split in (("train", few), ("test", few.select(range(8)))):
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        split.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
+    seen = []
+    original = sep_module.craft_sep
+    monkeypatch.setattr(sep_module, "craft_sep", lambda *a, **k: seen.append(k["targets"]) or original(*a, **k))
+    protect(folder, tmp_path / "run", accelerator, checkpoints=tiny_source_run)
+    assert seen and all(targets is not None and set(targets.tolist()) <= {0, 1, 2, 3} for targets in seen)
+    assert all(int(targets[c]) != c for targets in seen for c in range(4))
+
+
 def test_sep_targets_only_classes_that_have_training_images():
     counts = torch.tensor([3, 0, 2, 0, 5, 1, 1, 1, 0, 4])
     targets = present_targets(counts)
@@ -274,3 +291,17 @@ def test_images_of_different_sizes_crafted_together_match_crafting_each_alone(ti
         assert levels.max() <= 1 and (levels == 0).float().mean() > 0.99, (slot, levels.max(), (levels > 0).sum())
         assert ((crop - image).abs().amax() * 255).round() <= 8
     assert together[0, :, 40:].abs().max() == 0 and together[1, :, :, 36:].abs().max() == 0  # padding untouched
+
+
+def test_dataset_map_adapter_protects_photos_of_mixed_sizes(photos, tiny_ensemble):
+    """The README's Python use: ``dataset.map(SEPTransform(...))`` on a folder of mixed sizes."""
+    from sep_hf.protections.sep import SEPConfig, SEPTransform
+
+    source = datasets.load_dataset(str(photos))["train"].select(range(12))
+    means = torch.zeros(tiny_ensemble.num_models, 10, tiny_ensemble.models[0].features(torch.zeros(1, 3, 32, 32)).shape[1])
+    transform = SEPTransform(tiny_ensemble, SEPConfig(method="sep-fa", eps=8 / 255, steps=2, step_size=4 / 255),
+                             class_means=means, image_column="image", label_column="label")
+    protected = source.map(transform, batched=True, batch_size=6, with_indices=True)
+    for before, after in zip(source, protected):
+        assert after["image"].size == before["image"].size
+        assert 0 < np.abs(pixels(after["image"], "RGB") - pixels(before["image"], "RGB")).max() <= EPS

@@ -171,7 +171,6 @@ class ProtectionContext:
     def source_data(self) -> TrainingData:
         """What the source trains and is evaluated on: the training split and the test (else validation)
         split, or, with neither published, the training split less a held-out part it is evaluated on."""
-        train_name = self.data_args.train_split
         images, labels = self.train_tensors
         eval_name = evaluation_split(self.dataset, self.data_args)
         if eval_name in self.splits:
@@ -183,11 +182,9 @@ class ProtectionContext:
                                      self.data_args.keep_in_memory_mb, desc=f"Decoding {eval_name}")
             eval_labels = torch.from_numpy(eval_scan.labels)
         else:
-            rows, held_out = held_out_rows(len(labels), self.data_args.validation_split_percentage)
-            held_out = held_out[: self.data_args.max_eval_samples]
+            rows, held_out, eval_name = held_out_rows(len(labels), self.data_args)
             eval_images, eval_labels = _take(images, held_out), labels[held_out]
             images, labels = _take(images, rows), labels[rows]
-            eval_name = f"{train_name} ({self.data_args.validation_split_percentage:g}% held out)"
         return TrainingData(images, labels, eval_images, eval_labels, self.columns.class_names, self.dataset.dataset_id,
                             self.dataset.revision, eval_split=eval_name)
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from sep_hf.data import decode_batch, images_to_uint8, quantize, split_alpha, tensor_to_png_images, uint8_to_float
+from sep_hf.data import decode_batch, decode_image, quantize, split_alpha, tensor_to_png_images, uint8_to_float, union_mode
 
 __all__ = ["ProtectionTransform", "perturbation_stats", "protect_split", "load_shards", "split_summary",
            "budget_clamp", "config_hash", "STATS_FEATURES", "SEP_PAPER"]
@@ -165,16 +165,14 @@ class ProtectionTransform:
         ``canvas_elements`` elements, so random photo sizes still make full batches.
         """
         if self.ragged:
-            order = sorted(range(len(images)), key=lambda p: tuple(images[p].shape))
-            groups, current = [], []
-            for position in order:
-                shape = images[position].shape
-                canvas = (len(current) + 1) * shape[0] * max([shape[1]] + [images[p].shape[1] for p in current]) \
-                    * max([shape[2]] + [images[p].shape[2] for p in current])
-                if current and canvas > self.canvas_elements:
+            groups, current, height, width = [], [], 0, 0
+            for position in sorted(range(len(images)), key=lambda p: tuple(images[p].shape)):
+                channels, h, w = images[position].shape
+                if current and (len(current) + 1) * channels * max(height, h) * max(width, w) > self.canvas_elements:
                     groups.append(current)
-                    current = []
+                    current, height, width = [], 0, 0
                 current.append(position)
+                height, width = max(height, h), max(width, w)
             groups.append(current)
         else:
             by_size: dict[tuple, list[int]] = {}
@@ -203,10 +201,12 @@ class ProtectionTransform:
         return merged
 
     def __call__(self, batch: dict, indices: list[int] | None = None) -> dict:
-        colour, alpha = split_alpha(images_to_uint8(batch[self.image_column], column=self.image_column, mode=None))
+        """The ``Dataset.map`` function: images of any sizes and modes (the batch's union mode)."""
+        pictures = [decode_image(value, None, self.image_column) for value in batch[self.image_column]]
+        images = decode_batch(pictures, union_mode(picture.mode for picture in pictures), column=self.image_column)
         labels = torch.as_tensor(batch[self.label_column], dtype=torch.long)
         indices = torch.as_tensor(list(range(len(labels)) if indices is None else indices), dtype=torch.long)
-        return self.outputs(uint8_to_float(colour), labels, indices, alpha)
+        return self.bucketed_outputs(images, labels, indices)
 
     def output_features(self, features):
         import datasets

@@ -197,8 +197,7 @@ def _vr_direction(ensemble, x, center, eps: float, target, class_means, config: 
         for k in picks[:, m].unique().tolist():
             chosen = (picks[:, m] == k).nonzero().squeeze(1)
             inner_keys = keys(K + m)
-            seen_by = ensemble.rows(chosen) if isinstance(ensemble, _ViewedEnsemble) else ensemble
-            direction[chosen] = _view_grad(seen_by, k, inner[chosen], target[chosen], class_means, config,
+            direction[chosen] = _view_grad(ensemble.rows(chosen), k, inner[chosen], target[chosen], class_means, config,
                                            None if inner_keys is None else inner_keys[chosen])
         accumulated += direction - (per_model[picks[:, m], rows] - mean_grad)
         inner = sign_step(inner, _lowpass(accumulated, config), center, eps, config.step_size)
