@@ -318,6 +318,26 @@ Accuracy on the clean test split of models trained on this protected data:
 # victim model card
 
 
+TRAINING_MODES = {"scratch": "trained from scratch",
+                  "pretrained-ft": "pretrained backbone fine-tuned (backbone at {scale:g} x the learning rate)",
+                  "linear-probe": "linear probe (pretrained backbone frozen, new classifier trained)"}
+
+
+def _pretraining_lines(results: dict) -> str:
+    """How the victim started (scratch, fine-tuned, linear probe) and its accuracy on classes seen / unseen in pretraining."""
+    mode = results.get("training_mode", "scratch")
+    if mode == "scratch":
+        return ""
+    scale = results.get("training_config", {}).get("backbone_lr_scale", 1)
+    lines = f"- appropriator: {TRAINING_MODES[mode].format(scale=scale)}, from `{results['model']}`\n"
+    if results.get("pretraining_seen_classes") is not None:
+        seen, unseen = results.get("eval_accuracy_seen_classes"), results.get("eval_accuracy_unseen_classes")
+        fmt = lambda value: "-" if value is None else f"{value:.4f}"
+        lines += (f"- on classes the backbone was pretrained on ({', '.join(results['pretraining_seen_classes']) or 'none'}): "
+                  f"**{fmt(seen)}**; on the others: **{fmt(unseen)}**\n")
+    return lines
+
+
 def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
     """Card of a victim: clean test accuracy in ``model-index``, the (protected) data it saw."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -338,6 +358,7 @@ def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
                                                           (eval_id, results.get("eval_dataset_revision"))) if revision)),
         metrics=["accuracy"],
         model_name=name, eval_results=eval_results, pipeline_tag="image-classification",
+        base_model=results.get("base_model"),
     )
     reference = results.get("clean_reference_accuracy")
     reference_line = (f"- clean-trained reference (same recipe, clean data): **{reference:.4f}**"
@@ -361,7 +382,7 @@ transformers `Trainer` (`TimmWrapperForImageClassification`) on **`{train_id}`**
 `{results['eval_split']}` split of `{eval_id}`.
 
 - clean test accuracy: **{results['eval_accuracy']:.4f}** ({results['num_eval']} images)
-{reference_line}
+{_pretraining_lines(results)}{reference_line}
 - training: {results['training_config']['epochs']} epochs, {results['train_seconds']:.0f} s
 
 | epoch | clean test accuracy |

@@ -8,15 +8,18 @@ built with one-channel statistics and gets a one-channel stem (timm's ``in_chans
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 
-__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "resize_matrix", "RaggedResize", "build_model", "list_cifar_models", "timm_model_args", "check_model_name"]
+__all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "resize_matrix", "RaggedResize", "build_model", "list_cifar_models", "timm_model_args", "check_model_name",
+           "pretrained_weights_name", "public_model_name", "hub_model_id", "pretrained_config",
+           "load_pretrained_backbone"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -125,25 +128,27 @@ default_cfgs = {
 }
 
 
-def _create(cls, pretrained: bool, **kwargs) -> nn.Module:
-    if pretrained:
-        raise ValueError(f"{cls.__name__} has no pretrained weights; train it with recipes/train_source.py.")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("img_size", None)  # fully convolutional: any input size works
-    return cls(**kwargs)
+def _create(cls, variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    """Through timm's builder, so the model carries its ``pretrained_cfg`` and ``hf-hub:`` / ``local-dir:``
+    weights (a backbone exported with ``timm.models.save_for_hf``) load with ``timm.create_model``."""
+    source = kwargs.get("pretrained_cfg")
+    source = source.to_dict() if hasattr(source, "to_dict") else (source or {})
+    if pretrained and not (source.get("hf_hub_id") or source.get("file")):
+        raise ValueError(f"{variant} has no published pretrained weights; train it with recipes/train_source.py, "
+                         "or load an exported one with hf-hub:org/name or a local folder.")
+    return build_model_with_cfg(cls, variant, pretrained, kwargs_filter=("img_size",), **kwargs)
 
 
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-18, CIFAR stem (3x3 conv, no max-pool), 11.2M parameters: the SEP paper's model."""
-    return _create(CifarResNet, pretrained, **dict(dict(layers=(2, 2, 2, 2)), **kwargs))
+    return _create(CifarResNet, "resnet18_cifar", pretrained, **dict(dict(layers=(2, 2, 2, 2)), **kwargs))
 
 
 @register_model
 def smallnet_cifar(pretrained: bool = False, **kwargs) -> SmallNet:
     """Small fast net for CPU runs, 0.46M parameters."""
-    return _create(SmallNet, pretrained, **dict(dict(widths=(40, 80, 160), stem_width=24), **kwargs))
+    return _create(SmallNet, "smallnet_cifar", pretrained, **dict(dict(widths=(40, 80, 160), stem_width=24), **kwargs))
 
 
 def list_cifar_models() -> list[str]:
@@ -295,3 +300,84 @@ def model_from_config(config: dict) -> ImageClassifier:
         config["model_name"], config["num_classes"], config["img_size"], config["mean"], config["std"],
         **config.get("model_kwargs", {}),
     )
+
+
+PRETRAINED_SOURCES = ("hf-hub:", "local-dir:")
+
+
+def pretrained_weights_name(model: str, pretrained: bool = False) -> str | None:
+    """The ``timm.create_model`` name that loads ``model`` with pretrained weights; None: train from scratch.
+
+    ``hf-hub:org/name`` and ``local-dir:/path`` pass through; an existing local folder becomes
+    ``local-dir:<absolute path>``; any other ``org/name`` becomes ``hf-hub:org/name``; a plain timm
+    name (``resnet18.a1_in1k``) loads timm's own pretrained tag if ``pretrained``.
+    """
+    if model.startswith(PRETRAINED_SOURCES):
+        return model
+    if Path(model).is_dir():
+        return f"local-dir:{Path(model).resolve()}"
+    if "/" in model:
+        return f"hf-hub:{model}"
+    return model if pretrained else None
+
+
+def public_model_name(model: str) -> str:
+    """What a card may show of ``--model``: a local folder by its folder name, never by its path."""
+    if model.startswith("local-dir:") or Path(model).is_dir():
+        return Path(model.removeprefix("local-dir:")).name
+    return model
+
+
+def hub_model_id(model: str) -> str | None:
+    """The Hub repo id of a pretrained ``--model`` (a card's ``base_model``), None for a local folder or timm tag."""
+    if model.startswith("hf-hub:"):
+        return model.removeprefix("hf-hub:").split("@")[0]
+    if "/" in model and not model.startswith("local-dir:") and not Path(model).is_dir():
+        return model
+    return None
+
+
+def _cannot_load(model: str, err: Exception) -> ValueError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"--model {public_model_name(model)}: timm cannot load pretrained weights from it ({reason}). "
+                      "Pass a timm name with --pretrained (resnet18.a1_in1k), a Hub repo of a timm model "
+                      "(hf-hub:org/name) or a local folder holding its config.json and weights.")
+
+
+def pretrained_config(model: str) -> dict:
+    """The ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``label_names``, ...) of a pretrained
+    ``model`` (a ``pretrained_weights_name``), read from its config.json without loading weights.
+
+    Raises ValueError (one line) for a repo, folder or tag that does not exist or is not a timm model.
+    """
+    source, _, identifier = model.partition(":") if model.startswith(PRETRAINED_SOURCES) else ("", "", model)
+    try:
+        if source == "hf-hub":
+            config, architecture, _ = timm.models.load_model_config_from_hf(identifier)
+        elif source == "local-dir":
+            from timm.models._hub import load_model_config_from_path  # timm's local-dir: reader (not re-exported)
+
+            config, architecture, _ = load_model_config_from_path(identifier)
+        else:
+            found = timm.models.get_pretrained_cfg(model)
+            if found is None:
+                raise ValueError(f"timm has no pretrained tag '{model}'")
+            config, architecture = found.to_dict(), model.split(".")[0]
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # Hub 404s are OSErrors (HTTPError)
+        raise _cannot_load(model, err) from err
+    return {**config, "architecture": architecture}
+
+
+def load_pretrained_backbone(model: str, num_classes: int = 0, **kwargs) -> nn.Module:
+    """A timm model with pretrained weights, through timm's own loader (``timm.create_model(pretrained=True)``).
+
+    ``model`` is any name ``pretrained_weights_name`` returns. The classifier is new (``num_classes``
+    outputs, timm's initialization; 0: no head) whenever the checkpoint's class count differs. The
+    preprocessing the weights expect (``input_size``, ``mean``, ``std``, ``label_names``) is the
+    returned model's ``pretrained_cfg``. Raises ValueError (one line) for a repo, folder or tag that
+    cannot be loaded.
+    """
+    try:
+        return timm.create_model(model, pretrained=True, num_classes=num_classes, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise _cannot_load(model, err) from err

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from sep_hf.data import TrainingData
 from sep_hf.defenses import get_defense, list_defenses
 from sep_hf.defenses.base import Defense
-from sep_hf.models import check_model_name, timm_model_args
+from sep_hf.models import check_model_name, load_pretrained_backbone, pretrained_weights_name, timm_model_args
 from sep_hf.training import TrainingRecipe, augment_crop_flip, channel_stats
 
 __all__ = [
@@ -34,6 +34,9 @@ __all__ = [
     "VictimCollator",
     "VictimTrainer",
     "build_victim_model",
+    "freeze_backbone",
+    "parameter_groups",
+    "accuracy_by_class",
     "train_victim",
     "ACCURACY_METRIC",
 ]
@@ -50,12 +53,37 @@ class VictimTrainingConfig(TrainingRecipe):
     The defense's own flags live beside it (``sep_hf/defenses/<name>.py``), prefixed with its name.
     """
 
-    pretrained: bool = field(default=False, metadata={"help": "Fine-tune timm's pretrained weights (a Hub model such as resnet18.a1_in1k)."})
+    pretrained: bool = field(default=False, metadata={"help": "Fine-tune timm's pretrained weights of --model (a timm tag such as resnet18.a1_in1k). Implied when --model is a Hub repo (hf-hub:org/name, org/name) or a local folder."})
+    linear_probe: bool = field(default=False, metadata={"help": "Linear probe: the pretrained backbone frozen (eval mode), only the new classifier trained."})
+    backbone_lr_scale: float = field(default=0.1, metadata={"help": "Full fine-tuning: the pretrained backbone's learning rate is --learning_rate times this; the new classifier trains at --learning_rate."})
     defense: str = field(default="none", metadata={"help": f"Training-time defense of the victim: {' | '.join(list_defenses())}."})
 
     def __post_init__(self):
         super().__post_init__()
         get_defense(self.defense)  # raises, listing the registered defenses
+        if self.model is not None and pretrained_weights_name(self.model, self.pretrained) is not None:
+            self.pretrained = True  # a Hub repo or folder of a timm model is its weights
+        if not self.backbone_lr_scale >= 0:
+            raise ValueError(f"--backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}.")
+
+    def weights_name(self) -> str | None:
+        """What ``timm.create_model(pretrained=True)`` loads (``models.pretrained_weights_name``); None: from scratch.
+
+        Raises ValueError for --linear_probe without pretrained weights (a probe of random features).
+        """
+        name = pretrained_weights_name(self.model, self.pretrained)
+        if self.linear_probe and name is None:
+            raise ValueError(f"--linear_probe fits a classifier on a pretrained backbone, but --model {self.model} is "
+                             "trained from scratch: pass --pretrained (a timm tag such as resnet18.a1_in1k), "
+                             "--model hf-hub:org/name or a local folder.")
+        return name
+
+    @property
+    def training_mode(self) -> str:
+        """'scratch', 'pretrained-ft' (full fine-tuning) or 'linear-probe': the matrix column names."""
+        if self.linear_probe:
+            return "linear-probe"
+        return "pretrained-ft" if self.pretrained else "scratch"
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -141,20 +169,35 @@ class _EpochAccuracy(TrainerCallback):
 
 
 def build_victim_model(config: VictimTrainingConfig, class_names, img_size, in_chans: int = 3):
-    """A ``TimmWrapperForImageClassification`` for the dataset's classes, PyTorch-default initialized.
+    """A ``TimmWrapperForImageClassification`` for the dataset's classes.
 
-    ``in_chans=1`` (a grayscale dataset) gives a one-channel stem, saved in ``model_args`` so the
-    pushed model reloads as such. A pretrained model keeps its RGB stem: grey batches reach it
-    as grey on R, G and B (the collator's 3-channel normalization broadcasts them).
+    From scratch: PyTorch-default initialized; ``in_chans=1`` (a grayscale dataset) gives a one-channel
+    stem, saved in ``model_args`` so the pushed model reloads as such. Pretrained
+    (``config.weights_name()``): timm's loader (``models.load_pretrained_backbone``) with a new
+    classifier for ``class_names``; it keeps its RGB stem, grey batches reach it as grey on R, G and B
+    (the collator's 3-channel normalization broadcasts them), and fixed-size models (ViTs) are
+    rebuilt at ``img_size`` (timm resamples their position embeddings).
     """
     import sep_hf.models  # noqa: F401  registers the *_cifar architectures with timm
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
     labels = {"id2label": dict(enumerate(class_names)), "label2id": {n: i for i, n in enumerate(class_names)}}
-    if config.pretrained:
-        return TimmWrapperForImageClassification.from_pretrained(
-            config.model if "/" in config.model else f"timm/{config.model}", num_labels=len(class_names),
-            ignore_mismatched_sizes=True, **labels)
+    weights = config.weights_name()
+    if weights is not None:
+        backbone = load_pretrained_backbone(weights, len(class_names))
+        # timm's saved reconstruction arguments (in_chans, img_size, ...); the class count is the dataset's
+        model_args = {k: v for k, v in (getattr(backbone, "pretrained_model_args", None) or {}).items() if k != "num_classes"}
+        if backbone.pretrained_cfg.get("fixed_input_size") and tuple(backbone.pretrained_cfg["input_size"][1:]) != tuple(img_size):
+            model_args["img_size"] = tuple(img_size)
+            backbone = load_pretrained_backbone(weights, len(class_names), img_size=tuple(img_size))
+        timm_config = TimmWrapperConfig(architecture=backbone.pretrained_cfg["architecture"], num_labels=len(class_names),
+                                        model_args=model_args or None, **labels)
+        model = TimmWrapperForImageClassification(timm_config)
+        model.timm_model.load_state_dict(backbone.state_dict())  # the pretrained weights and timm's new head
+        model.timm_model.pretrained_cfg = backbone.pretrained_cfg
+        if config.linear_probe:
+            freeze_backbone(model)
+        return model
     check_model_name(config.model.split(".")[0])  # transformers would blame the timm version instead
     model_args = timm_model_args(config.model.split(".")[0], img_size)
     if in_chans != 3:
@@ -168,6 +211,68 @@ def build_victim_model(config: VictimTrainingConfig, class_names, img_size, in_c
         if hasattr(module, "reset_parameters") and module is not model:
             module.reset_parameters()
     return model
+
+
+def classifier_parameters(model) -> list[torch.nn.Parameter]:
+    """The classifier's parameters (timm's ``get_classifier()``) of a ``TimmWrapperForImageClassification``."""
+    return list(model.timm_model.get_classifier().parameters())
+
+
+def freeze_backbone(model) -> None:
+    """Linear probe: every parameter but the classifier's frozen, and the backbone kept in eval mode
+    (BatchNorm statistics and dropout as pretrained) whenever ``Trainer`` calls ``model.train()``."""
+    head = {id(p) for p in classifier_parameters(model)}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in head)
+    timm_model = model.timm_model
+
+    def train(mode: bool = True):
+        torch.nn.Module.train(timm_model, False)
+        timm_model.get_classifier().train(mode)
+        return timm_model
+
+    timm_model.train = train
+    timm_model.eval()
+
+
+def parameter_groups(model, config: VictimTrainingConfig) -> list[dict]:
+    """The optimizer's groups: from scratch one group; full fine-tuning the pretrained backbone at
+    ``backbone_lr_scale`` x the learning rate and the new classifier at the learning rate
+    (discriminative fine-tuning, as in ULMFiT and timm's layer-wise decay); a linear probe the classifier only."""
+    head = classifier_parameters(model)
+    if config.linear_probe:
+        return [{"params": head}]
+    if not config.pretrained or config.backbone_lr_scale == 1:
+        return [{"params": list(model.parameters())}]
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    return [{"params": backbone, "lr": config.learning_rate * config.backbone_lr_scale}, {"params": head}]
+
+
+def accuracy_by_class(predictions, labels, class_names, pretrained_label_names=None) -> dict:
+    """Per-class accuracy of the final evaluation and, for a backbone whose ``pretrained_cfg`` names its
+    classes (``label_names``), the accuracy on images of the classes it was pretrained on ("seen") and
+    on the others ("unseen"): whether a protection holds where the backbone already knows the class.
+
+    ``predictions``, ``labels``: class indices (N,). Returns ``eval_accuracy_per_class`` (name -> accuracy,
+    None for a class without evaluation images) and, with label names, ``pretraining_seen_classes``,
+    ``eval_accuracy_seen_classes`` and ``eval_accuracy_unseen_classes`` (None where no image is of such a class).
+    """
+    import numpy as np
+
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    correct = predictions == labels
+    per_class = {name: (float(correct[labels == index].mean()) if (labels == index).any() else None)
+                 for index, name in enumerate(class_names)}
+    out = {"eval_accuracy_per_class": per_class}
+    if pretrained_label_names:
+        names = set(pretrained_label_names.values() if isinstance(pretrained_label_names, dict) else pretrained_label_names)
+        seen = [index for index, name in enumerate(class_names) if name in names]
+        is_seen = np.isin(labels, seen)
+        out.update(pretraining_seen_classes=[class_names[i] for i in seen],
+                   eval_accuracy_seen_classes=float(correct[is_seen].mean()) if is_seen.any() else None,
+                   eval_accuracy_unseen_classes=float(correct[~is_seen].mean()) if (~is_seen).any() else None)
+    return out
 
 
 def _processor_config(mean, std, img_size) -> dict:
@@ -199,20 +304,21 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     prepare_seconds = time.perf_counter() - start
     img_size = tuple(data.train_images.shape[2:])
     model = build_victim_model(config, data.class_names, img_size, in_chans=data.train_images.shape[1])
-    if config.pretrained:
-        data_config = model.timm_model.pretrained_cfg
-        mean, std = list(data_config["mean"]), list(data_config["std"])
+    pretrained_cfg = dict(model.timm_model.pretrained_cfg) if config.pretrained else {}
+    if config.pretrained:  # the normalization the weights were pretrained with
+        mean, std = list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
     else:
         # Statistics of the data as published, not as the defense transformed it: the image
         # processor normalizes real (colour, uncompressed) images with them at inference.
         mean, std = channel_stats(data.train_images)
     model.config.pretrained_cfg = _processor_config(mean, std, img_size)
+    groups = parameter_groups(model, config)
     model = defense.wrap_model(model.to(memory_format=torch.channels_last))
 
     steps_per_epoch = len(data.train_labels) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size {config.batch_size} is larger than the {len(data.train_labels)} training images.")
-    optimizer, scheduler = config.optimizer_and_schedule(model.parameters(), steps_per_epoch)
+    optimizer, scheduler = config.optimizer_and_schedule(groups, steps_per_epoch)
     args = TrainingArguments(
         output_dir=str(output_dir / "trainer"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=500,
@@ -222,8 +328,11 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     )
     metric = evaluate.load(ACCURACY_METRIC)
 
+    last = {}
+
     def compute_metrics(prediction):
-        return metric.compute(predictions=prediction.predictions.argmax(-1), references=prediction.label_ids)
+        last["predictions"], last["labels"] = prediction.predictions.argmax(-1), prediction.label_ids
+        return metric.compute(predictions=last["predictions"], references=last["labels"])
 
     history = _EpochAccuracy()
     trainer = VictimTrainer(
@@ -237,6 +346,8 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     trainer.save_model(str(output_dir / "model"))
     return {
         "eval_accuracy": final["eval_accuracy"],
+        **accuracy_by_class(last["predictions"], last["labels"], data.class_names, pretrained_cfg.get("label_names")),
+        "training_mode": config.training_mode,
         "eval_loss": final["eval_loss"],
         "history": history.history,
         "train_seconds": train_output.metrics["train_runtime"],

@@ -13,6 +13,7 @@ from pathlib import Path
 from sep_hf import hub
 from sep_hf.data import DataArguments, load_training_data, public_name, resolve_dataset_name
 from sep_hf.io import write_json
+from sep_hf.models import hub_model_id, pretrained_config, public_model_name
 from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments
 from sep_hf.presets import apply_preset
 
@@ -54,7 +55,7 @@ def mix_clean_rows(data, clean, fraction: float, seed: int = 0):
 
 
 def _dataset_card_row(results: dict) -> dict:
-    return {key: results.get(key) for key in ("model", "defense", "defense_settings", "num_train", "eval_accuracy",
+    return {key: results.get(key) for key in ("model", "training_mode", "defense", "defense_settings", "num_train", "eval_accuracy",
                                               "hub_model_id", "eval_dataset", "clean_reference_accuracy",
                                               "clean_fraction")}
 
@@ -90,6 +91,13 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
 
     apply_preset(run_args.preset, config, data_args)
     defense = build_defense(config.defense, defense_args)  # before any compute: flags of other defenses fail here
+    base_model = None
+    weights = config.weights_name()  # refuses --linear_probe without pretrained weights
+    if weights is not None:  # read the backbone's config now: a wrong repo or folder fails before any compute
+        pretrained = pretrained_config(weights)
+        base_model = hub_model_id(config.model) or pretrained.get("hf_hub_id")
+        if data_args.image_size is None:  # the backbone sees images at the size it was pretrained at
+            data_args.image_size = list(pretrained["input_size"][1:])
     state = PartialState()
     output_dir = Path(run_args.output_dir)
     with state.main_process_first():
@@ -105,7 +113,7 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
         return None
     # Public names only: a local folder is named by its folder name, never by its path (cards are pushed).
     results.update(
-        model=config.model, defense=config.defense, dataset=public_name(data.dataset_id),
+        model=public_model_name(config.model), base_model=base_model, defense=config.defense, dataset=public_name(data.dataset_id),
         dataset_revision=data.dataset_revision, eval_dataset=public_name(data.eval_dataset_id or data.dataset_id),
         eval_dataset_revision=data.eval_dataset_revision if data.eval_dataset_id else data.dataset_revision,
         eval_split=data.eval_split, image_size=list(data.train_images.shape[2:]), preset=run_args.preset,
@@ -114,18 +122,19 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
         clean_fraction=victim_args.clean_fraction,
         hub_model_id=hub_args.hub_model_id if hub_args.push_to_hub else None,
     )
+    results["training_config"]["model"] = results["model"]  # a local backbone folder by its name only
     model_dir = output_dir / "model"
     (model_dir / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle holds local paths; not needed to load
     history = results["history"]
     (model_dir / CURVE_FILE).write_bytes(accuracy_curve_png(
         [row["epoch"] for row in history], [row["eval_accuracy"] for row in history],
-        title=f"{config.model} on {results['dataset'].split('/')[-1]} ({config.defense})"))
+        title=f"{results['model']} on {results['dataset'].split('/')[-1]} ({config.defense})"))
     victim_model_card(results["hub_model_id"], results, CURVE_FILE).save(model_dir / CARD_FILE)
     write_json(model_dir / RESULTS_FILE, results)
     write_json(output_dir / RESULTS_FILE, results)
     if hub_args.push_to_hub:
         results["hub_revision"] = hub.upload_folder(hub_args.hub_model_id, model_dir, "model",
-                                                    f"Victim {config.model} ({config.defense}): {results['eval_accuracy']:.4f}")
+                                                    f"Victim {results['model']} ({config.defense}): {results['eval_accuracy']:.4f}")
         write_json(output_dir / RESULTS_FILE, results)
     if victim_args.update_dataset_card:
         _update_dataset_card(data_args.dataset, _dataset_card_row(results))
