@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,6 +58,27 @@ def launch(recipe: str, args: list, num_processes: int = 1, env: dict | None = N
     if result.returncode != 0:
         raise RuntimeError(f"{recipe} failed (exit {result.returncode}); see {log}")
     return seconds
+
+
+# The pretrained appropriator's backbone (bench/pretrained_appropriator.py --stage backbone), served by
+# a loopback Hub whose storage persists in RUNS_DIR/hub: victims load it as any public timm repo.
+BACKBONE_REPO = "sep-hf-bench/smallnet_cifar.cifar10-5cls"
+BACKBONE_MODEL = f"hf-hub:{BACKBONE_REPO}"
+
+
+@contextmanager
+def bench_hub():
+    """A loopback Hub (sep_hf.testing.hub) on RUNS_DIR/hub; yields the environment recipes need to reach it."""
+    from sep_hf.testing.hub import LoopbackHub
+
+    hub = LoopbackHub(RUNS_DIR / "hub").start()
+    local = "127.0.0.1,localhost"
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(RUNS_DIR / "hub-home"), "HF_TOKEN": "bench",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "NO_PROXY": local, "no_proxy": local}
+    try:
+        yield env
+    finally:
+        hub.stop()
 
 
 def write_results(name: str, payload: dict, table: str) -> Path:

@@ -24,6 +24,8 @@ every row, and the per-method summary the dataset card shows (sep_hf/measured/pr
 """
 
 import argparse
+import atexit
+import contextlib
 import io
 import json
 import sys
@@ -33,7 +35,8 @@ from pathlib import Path
 
 import common
 import sep_effectiveness
-from common import REPO_ROOT, RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results
+from common import (BACKBONE_MODEL, BACKBONE_REPO, REPO_ROOT, RUNS_DIR, SHARED_CIFAR10, bench_hub, launch, markdown_table,
+                    read_json, write_results)
 
 from sep_hf.data import DataArguments
 from sep_hf.defenses import get_defense, list_defenses
@@ -58,7 +61,12 @@ COLUMNS = {
     "bitdepth": ("bitdepth", {}),
     "blur": ("blur", {}),
     "augment": ("augment", {}),
+    # The pretrained appropriator (issue 22): a backbone pretrained on CIFAR-10 rows outside the protected
+    # 10k and on 5 of the 10 classes (bench/pretrained_appropriator.py), loaded from the loopback Hub.
+    "pretrained-ft": ("none", {"model": BACKBONE_MODEL}),  # full fine-tuning, backbone at 0.1 x lr
+    "linear-probe": ("none", {"model": BACKBONE_MODEL, "linear_probe": True}),
 }
+HUB_ENV: dict = {}  # the loopback Hub serving the backbone (main starts it when a column loads a model)
 # A victim reaching this share of the clean-data accuracy under the same training "defeats" a protection.
 DEFEAT_SHARE = 0.8
 
@@ -68,6 +76,20 @@ def columns() -> dict:
     for defense in list_defenses():
         table.setdefault(defense, (defense, {}))
     return table
+
+
+def serve_backbone() -> None:
+    """Serve the bench Hub for the pretrained columns (until exit); its backbone repo must exist."""
+    from huggingface_hub import HfApi
+
+    HUB_ENV.update(_HUB.enter_context(bench_hub()))
+    atexit.register(_HUB.close)
+    if not HfApi(endpoint=HUB_ENV["HF_ENDPOINT"], token=HUB_ENV["HF_TOKEN"]).repo_exists(BACKBONE_REPO):
+        raise SystemExit(f"The pretrained columns load {BACKBONE_REPO} from the bench Hub ({RUNS_DIR / 'hub'}): "
+                         "first run python bench/pretrained_appropriator.py --stage backbone.")
+
+
+_HUB = contextlib.ExitStack()
 
 
 def parse_row(row: str, default_eps: float) -> dict:
@@ -125,10 +147,10 @@ def victim(row: str, dataset: str, eval_dataset: str, column: str, args, data_na
     spec = parse_row(row, args.eps)
     output_dir = victim_dir(row, column, args.eps, args.model, data_name)
     clean_fraction = round(1 - spec["protected_percent"] / 100, 4)
+    model = flags.get("model", args.model)  # a pretrained column brings its own backbone
     expected = {"num_train": args.max_train_samples or CPU_DATA["max_train_samples"],
                 "num_eval": args.max_eval_samples or CPU_DATA["max_eval_samples"],
-                "epochs": args.epochs or CPU_EPOCHS, "model": args.model,
-                **defense_defaults(defense), **flags}
+                "epochs": args.epochs or CPU_EPOCHS, **defense_defaults(defense), **flags, "model": model}
     if clean_fraction:
         expected["clean_fraction"] = clean_fraction
     results_file = output_dir / "results.json"
@@ -143,16 +165,18 @@ def victim(row: str, dataset: str, eval_dataset: str, column: str, args, data_na
     if args.report_only:
         return None
 
-    recipe_args = ["--dataset", dataset, "--eval_dataset", eval_dataset, "--model", args.model, "--preset", "cpu",
+    recipe_args = ["--dataset", dataset, "--eval_dataset", eval_dataset, "--model", model, "--preset", "cpu",
                    "--defense", defense, "--output_dir", output_dir]
     for flag, value in flags.items():
-        recipe_args += [f"--{flag}", value]
+        if flag != "model":
+            recipe_args += [f"--{flag}", value]
     if clean_fraction:
         recipe_args += ["--clean_dataset", eval_dataset, "--clean_fraction", clean_fraction]
     for flag in ("max_train_samples", "max_eval_samples", "epochs"):
         if getattr(args, flag):
             recipe_args += [f"--{flag}", getattr(args, flag)]
-    wall = launch("train_victim.py", recipe_args, log=RUNS_DIR / f"{output_dir.name}.log")
+    wall = launch("train_victim.py", recipe_args, env=HUB_ENV if "model" in flags else None,
+                  log=RUNS_DIR / f"{output_dir.name}.log")
     command = "accelerate launch --cpu recipes/train_victim.py " + " ".join(map(str, recipe_args))
     (output_dir / CELL_FILE).write_text(json.dumps({"wall_seconds": wall, "command": command, "machine": CURRENT_CPU},
                                                    indent=2))
@@ -161,9 +185,13 @@ def victim(row: str, dataset: str, eval_dataset: str, column: str, args, data_na
 
 
 def summary(result: dict, output_dir: Path) -> dict:
-    return {"eval_accuracy": result["eval_accuracy"], "train_seconds": result["train_seconds"],
+    cell = {"eval_accuracy": result["eval_accuracy"], "train_seconds": result["train_seconds"],
             "defense_settings": result.get("defense_settings", {}), "num_train": result["num_train"],
             "num_eval": result["num_eval"], "output_dir": str(output_dir)}
+    for key in ("training_mode", "eval_accuracy_seen_classes", "eval_accuracy_unseen_classes", "pretraining_seen_classes"):
+        if key in result:  # pretrained victims: accuracy on the classes the backbone was / was not pretrained on
+            cell[key] = result[key]
+    return cell
 
 
 def crafted(row: str, args) -> tuple[str, dict]:
@@ -384,6 +412,8 @@ def main():
     if any(parse_row(row, args.eps)["method"] == "cuda" for row in selected):
         common.ensure_cuda_key()
 
+    if any("model" in all_columns[column][1] for column in measured_columns) and not args.report_only:
+        serve_backbone()
     cells: dict[str, dict] = {row: dict(previous.get(row, {})) for row in rows}
     for row_cells in cells.values():  # cells of the last matrix without a machine are the machine it names
         for cell in row_cells.values():

@@ -267,22 +267,33 @@ def build_model(
     name: str,
     num_classes: int,
     img_size: int | Sequence[int] = 32,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
+    mean: Sequence[float] | None = CIFAR10_MEAN,
+    std: Sequence[float] | None = CIFAR10_STD,
     pretrained: bool = False,
     **model_kwargs,
 ) -> ImageClassifier:
     """Build any timm model (or a registered ``*_cifar`` one) for ``num_classes`` classes.
 
     Input channels: ``len(mean)`` (1 for grayscale data, whose ``channel_stats`` have one entry).
+    Pretrained weights (``name`` a Hub repo or local folder, or a timm tag with ``pretrained``; see
+    ``pretrained_weights_name``) load through timm with a new classifier; the normalization is then
+    the one the weights were pretrained with (``mean``/``std`` ignored), and the saved config names
+    the architecture, so checkpoints rebuild without the Hub.
     """
-    check_model_name(name)
+    weights = pretrained_weights_name(name, pretrained)
+    if weights is not None:
+        backbone = load_pretrained_backbone(weights, num_classes, **model_kwargs)
+        name = backbone.pretrained_cfg["architecture"]
+        mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
+    else:
+        check_model_name(name)
     if len(mean) != len(std):
         raise ValueError(f"mean and std must have one entry per input channel, got {len(mean)} and {len(std)}.")
-    kwargs = {**model_kwargs, **timm_model_args(name, img_size)}
-    if len(mean) != 3:  # RGB passes nothing: timm's default, and the same models (and weights) as ever
-        kwargs.setdefault("in_chans", len(mean))
-    backbone = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if weights is None:
+        kwargs = {**model_kwargs, **timm_model_args(name, img_size)}
+        if len(mean) != 3:  # RGB passes nothing: timm's default, and the same models (and weights) as ever
+            kwargs.setdefault("in_chans", len(mean))
+        backbone = timm.create_model(name, num_classes=num_classes, **kwargs)
     config = {
         "model_name": name,
         "num_classes": num_classes,
@@ -291,6 +302,8 @@ def build_model(
         "std": [float(s) for s in std],
         "model_kwargs": model_kwargs,
     }
+    if weights is not None:
+        config["pretrained_from"] = public_model_name(weights)
     return ImageClassifier(backbone, mean, std, config)
 
 

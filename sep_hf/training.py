@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sep_hf.checkpoints import Checkpoint, evenly_spaced, list_checkpoints, save_checkpoint
 from sep_hf.data import TrainingData
-from sep_hf.models import build_model
+from sep_hf.models import build_model, pretrained_weights_name
 from sep_hf.presets import merge_presets
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "draw_crop_flip",
     "apply_crop_flip",
     "channel_stats",
+    "parameter_groups",
     "evaluate_accuracy",
     "train_source",
 ]
@@ -71,14 +72,24 @@ class TrainingRecipe:
     crop_padding: int | None = field(default=None, metadata={"help": "Random-crop padding in pixels (0 disables)."})
     flip: bool | None = field(default=None, metadata={"help": "Random horizontal flips."})
     seed: int = field(default=0, metadata={"help": "Seed of initialization, data order and augmentation."})
+    pretrained: bool = field(default=False, metadata={"help": "Start from timm's pretrained weights of --model (a timm tag such as resnet18.a1_in1k). Implied when --model is a Hub repo (hf-hub:org/name, org/name) or a local folder."})
+    backbone_lr_scale: float = field(default=0.1, metadata={"help": "Fine-tuning pretrained weights: the backbone's learning rate is --learning_rate times this; the new classifier trains at --learning_rate."})
 
     def __post_init__(self):
+        if self.model is not None and pretrained_weights_name(self.model, self.pretrained) is not None:
+            self.pretrained = True  # a Hub repo or folder of a timm model is its weights
+        if not self.backbone_lr_scale >= 0:
+            raise ValueError(f"--backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}.")
         if self.lr_schedule not in (None, "step", "linear"):
             raise ValueError(f"--lr_schedule must be 'step' or 'linear', not '{self.lr_schedule}'.")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}.")
+
+    def weights_name(self) -> str | None:
+        """What ``timm.create_model(pretrained=True)`` loads (``models.pretrained_weights_name``); None: from scratch."""
+        return pretrained_weights_name(self.model, self.pretrained)
 
     def optimizer_and_schedule(self, parameters, steps_per_epoch: int):
         optimizer = torch.optim.SGD(parameters, lr=self.learning_rate, momentum=self.momentum,
@@ -103,6 +114,21 @@ class SourceTrainingConfig(TrainingRecipe):
         if self.num_checkpoints <= 0:  # 0: every epoch
             return list(range(1, self.epochs + 1))
         return evenly_spaced(list(range(1, self.epochs + 1)), min(self.num_checkpoints, self.epochs))
+
+
+def parameter_groups(timm_model: torch.nn.Module, recipe: TrainingRecipe, linear_probe: bool = False) -> list[dict]:
+    """The optimizer's parameter groups of a timm model: from scratch, one group; pretrained weights
+    fine-tuned, the backbone at ``backbone_lr_scale`` x the learning rate and the new classifier
+    (timm's ``get_classifier()``) at the learning rate (discriminative fine-tuning, Howard & Ruder 2018);
+    ``linear_probe``, the classifier only."""
+    head = list(timm_model.get_classifier().parameters())
+    if linear_probe:
+        return [{"params": head}]
+    if not recipe.pretrained or recipe.backbone_lr_scale == 1:
+        return [{"params": list(timm_model.parameters())}]
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in timm_model.parameters() if id(p) not in head_ids]
+    return [{"params": backbone, "lr": recipe.learning_rate * recipe.backbone_lr_scale}, {"params": head}]
 
 
 def channel_stats(images) -> tuple[list[float], list[float]]:
@@ -266,13 +292,15 @@ def train_source(
         raise ValueError(f"config.defense is '{config.defense}' but the defense passed is '{defense.name}'.")
     plain = defense is None or config.defense == "none"
     torch.manual_seed(config.seed)
-    mean, std = channel_stats(data.train_images)  # of the data as published, as for the victims
+    # of the data as published, as for the victims; a pretrained backbone keeps the normalization it learned with
+    mean, std = channel_stats(data.train_images) if not config.pretrained else (None, None)
     model = build_model(config.model, num_classes=len(data.class_names), img_size=tuple(data.train_images.shape[2:]),
-                        mean=mean, std=std)
+                        mean=mean, std=std, pretrained=config.pretrained)
     model = model.to(memory_format=torch.channels_last)
+    groups = parameter_groups(model.backbone, config)
     if not plain:
         model = defense.wrap_model(model)  # RSE's noise layers: hooks only, the state dict is unchanged
-    optimizer, scheduler = config.optimizer_and_schedule(model.parameters(), steps_per_epoch)
+    optimizer, scheduler = config.optimizer_and_schedule(groups, steps_per_epoch)
 
     start_epoch, history, train_seconds = 0, [], 0.0
     if resume_from is not None:

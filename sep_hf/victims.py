@@ -25,8 +25,8 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from sep_hf.data import TrainingData
 from sep_hf.defenses import get_defense, list_defenses
 from sep_hf.defenses.base import Defense
-from sep_hf.models import check_model_name, load_pretrained_backbone, pretrained_weights_name, timm_model_args
-from sep_hf.training import TrainingRecipe, augment_crop_flip, channel_stats
+from sep_hf.models import check_model_name, load_pretrained_backbone, timm_model_args
+from sep_hf.training import TrainingRecipe, augment_crop_flip, channel_stats, parameter_groups
 
 __all__ = [
     "VictimTrainingConfig",
@@ -35,7 +35,6 @@ __all__ = [
     "VictimTrainer",
     "build_victim_model",
     "freeze_backbone",
-    "parameter_groups",
     "accuracy_by_class",
     "train_victim",
     "ACCURACY_METRIC",
@@ -53,25 +52,19 @@ class VictimTrainingConfig(TrainingRecipe):
     The defense's own flags live beside it (``sep_hf/defenses/<name>.py``), prefixed with its name.
     """
 
-    pretrained: bool = field(default=False, metadata={"help": "Fine-tune timm's pretrained weights of --model (a timm tag such as resnet18.a1_in1k). Implied when --model is a Hub repo (hf-hub:org/name, org/name) or a local folder."})
     linear_probe: bool = field(default=False, metadata={"help": "Linear probe: the pretrained backbone frozen (eval mode), only the new classifier trained."})
-    backbone_lr_scale: float = field(default=0.1, metadata={"help": "Full fine-tuning: the pretrained backbone's learning rate is --learning_rate times this; the new classifier trains at --learning_rate."})
     defense: str = field(default="none", metadata={"help": f"Training-time defense of the victim: {' | '.join(list_defenses())}."})
 
     def __post_init__(self):
         super().__post_init__()
         get_defense(self.defense)  # raises, listing the registered defenses
-        if self.model is not None and pretrained_weights_name(self.model, self.pretrained) is not None:
-            self.pretrained = True  # a Hub repo or folder of a timm model is its weights
-        if not self.backbone_lr_scale >= 0:
-            raise ValueError(f"--backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}.")
 
     def weights_name(self) -> str | None:
         """What ``timm.create_model(pretrained=True)`` loads (``models.pretrained_weights_name``); None: from scratch.
 
         Raises ValueError for --linear_probe without pretrained weights (a probe of random features).
         """
-        name = pretrained_weights_name(self.model, self.pretrained)
+        name = super().weights_name()
         if self.linear_probe and name is None:
             raise ValueError(f"--linear_probe fits a classifier on a pretrained backbone, but --model {self.model} is "
                              "trained from scratch: pass --pretrained (a timm tag such as resnet18.a1_in1k), "
@@ -235,20 +228,6 @@ def freeze_backbone(model) -> None:
     timm_model.eval()
 
 
-def parameter_groups(model, config: VictimTrainingConfig) -> list[dict]:
-    """The optimizer's groups: from scratch one group; full fine-tuning the pretrained backbone at
-    ``backbone_lr_scale`` x the learning rate and the new classifier at the learning rate
-    (discriminative fine-tuning, as in ULMFiT and timm's layer-wise decay); a linear probe the classifier only."""
-    head = classifier_parameters(model)
-    if config.linear_probe:
-        return [{"params": head}]
-    if not config.pretrained or config.backbone_lr_scale == 1:
-        return [{"params": list(model.parameters())}]
-    head_ids = {id(p) for p in head}
-    backbone = [p for p in model.parameters() if id(p) not in head_ids]
-    return [{"params": backbone, "lr": config.learning_rate * config.backbone_lr_scale}, {"params": head}]
-
-
 def accuracy_by_class(predictions, labels, class_names, pretrained_label_names=None) -> dict:
     """Per-class accuracy of the final evaluation and, for a backbone whose ``pretrained_cfg`` names its
     classes (``label_names``), the accuracy on images of the classes it was pretrained on ("seen") and
@@ -312,7 +291,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
         # processor normalizes real (colour, uncompressed) images with them at inference.
         mean, std = channel_stats(data.train_images)
     model.config.pretrained_cfg = _processor_config(mean, std, img_size)
-    groups = parameter_groups(model, config)
+    groups = parameter_groups(model.timm_model, config, linear_probe=config.linear_probe)
     model = defense.wrap_model(model.to(memory_format=torch.channels_last))
 
     steps_per_epoch = len(data.train_labels) // config.batch_size

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from sep_hf.models import build_model, pretrained_weights_name
 from sep_hf.testing.backbone import export_timm_backbone
-from sep_hf.victims import VictimTrainingConfig, accuracy_by_class, build_victim_model, parameter_groups
+from sep_hf.training import parameter_groups
+from sep_hf.victims import VictimTrainingConfig, accuracy_by_class, build_victim_model
 
 SEEN = ["airplane", "automobile", "bird", "cat", "deer"]  # the backbone's classes: half of CIFAR-10's
 TINY = ["--dataset", str(CIFAR10_DIR), "--preset", "cpu", "--max_train_samples", "200", "--max_eval_samples", "100",
@@ -79,7 +80,7 @@ def test_pretrained_victim_loads_weights_and_fine_tunes_backbone_slower(backbone
             assert torch.equal(weights[key], value), key
     assert model.timm_model.fc.out_features == 10
     assert model.timm_model.pretrained_cfg["label_names"] == SEEN
-    backbone_group, head_group = parameter_groups(model, config)
+    backbone_group, head_group = parameter_groups(model.timm_model, config)
     assert backbone_group["lr"] == pytest.approx(0.01) and "lr" not in head_group
     assert {id(p) for p in head_group["params"]} == {id(p) for p in model.timm_model.fc.parameters()}
 
@@ -133,3 +134,20 @@ def test_bad_backbone_is_one_line_before_compute(loopback_hub, tmp_path, args, m
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "Traceback" not in result.stderr
     assert "Decoding" not in result.stderr and not (tmp_path / "bad").exists()  # nothing loaded or trained
+
+
+def test_source_fine_tuned_from_backbone_rebuilds_offline(backbone_folder, tmp_path):
+    """train_source.py --model FOLDER: checkpoints of a fine-tuning trajectory, loadable as an ensemble
+    without the backbone's repo (they name the architecture, and keep the backbone's normalization)."""
+    from sep_hf import CheckpointEnsemble
+    from sep_hf.checkpoints import list_checkpoints
+
+    folder, pretrained = backbone_folder
+    out = tmp_path / "ft-source"
+    run_recipe("train_source.py", [*TINY, "--model", str(folder), "--epochs", "2", "--num_checkpoints", "2",
+                                   "--output_dir", out])
+    ensemble = CheckpointEnsemble.from_pretrained(out)
+    assert len(ensemble.models) == 2
+    record = list_checkpoints(out)[0].record["model"]
+    assert record["model_name"] == "smallnet_cifar" and record["pretrained_from"] == folder.name
+    assert ensemble.models[0].config["mean"] == pytest.approx([0.5, 0.45, 0.4])

@@ -6,7 +6,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["RunArguments", "HubArguments", "parse_recipe_args", "setup_logging", "run_main", "RESULTS_FILE",
+__all__ = ["RunArguments", "HubArguments", "parse_recipe_args", "check_pretrained", "setup_logging", "run_main", "RESULTS_FILE",
            "CURVE_FILE", "CARD_FILE"]
 
 RESULTS_FILE = "results.json"
@@ -43,6 +43,21 @@ def parse_recipe_args(parser) -> tuple:
     if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(sys.argv[1])
     return parser.parse_args_into_dataclasses()
+
+
+def check_pretrained(config, data_args) -> dict | None:
+    """Before any compute: the ``pretrained_cfg`` of a pretrained ``--model`` (None from scratch), read
+    from its config.json (ValueError, one line, for a repo or folder timm cannot load), and
+    ``--image_size`` defaulted to the size it was pretrained at."""
+    from sep_hf.models import pretrained_config
+
+    weights = config.weights_name()
+    if weights is None:
+        return None
+    pretrained = pretrained_config(weights)
+    if data_args.image_size is None:
+        data_args.image_size = list(pretrained["input_size"][1:])
+    return pretrained
 
 
 def setup_logging() -> None:

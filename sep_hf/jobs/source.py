@@ -16,7 +16,7 @@ from sep_hf.cards import source_model_card, training_curve_png
 from sep_hf.checkpoints import CHECKPOINTS_DIR, RECORD_FILE, Checkpoint, CheckpointError, list_checkpoints
 from sep_hf.data import DataArguments, TrainingData, load_training_data
 from sep_hf.io import write_json
-from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments
+from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
 from sep_hf.presets import apply_preset
 from sep_hf.training import SourceTrainingConfig, train_source
 
@@ -87,6 +87,8 @@ def run_source_training(
 
     apply_preset(run_args.preset, config, data_args)
     defense = build_defense(config.defense, defense_args)  # before any compute: a wrong flag fails here
+    if data is None:
+        check_pretrained(config, data_args)  # a pretrained --model that cannot be loaded fails here too
     output_dir = Path(run_args.output_dir)
     if data is None:
         with accelerator.main_process_first():

@@ -13,8 +13,8 @@ from pathlib import Path
 from sep_hf import hub
 from sep_hf.data import DataArguments, load_training_data, public_name, resolve_dataset_name
 from sep_hf.io import write_json
-from sep_hf.models import hub_model_id, pretrained_config, public_model_name
-from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments
+from sep_hf.models import hub_model_id, public_model_name
+from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
 from sep_hf.presets import apply_preset
 
 __all__ = ["VictimArguments", "run_victim", "mix_clean_rows"]
@@ -91,13 +91,8 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
 
     apply_preset(run_args.preset, config, data_args)
     defense = build_defense(config.defense, defense_args)  # before any compute: flags of other defenses fail here
-    base_model = None
-    weights = config.weights_name()  # refuses --linear_probe without pretrained weights
-    if weights is not None:  # read the backbone's config now: a wrong repo or folder fails before any compute
-        pretrained = pretrained_config(weights)
-        base_model = hub_model_id(config.model) or pretrained.get("hf_hub_id")
-        if data_args.image_size is None:  # the backbone sees images at the size it was pretrained at
-            data_args.image_size = list(pretrained["input_size"][1:])
+    pretrained = check_pretrained(config, data_args)  # also refuses --linear_probe without pretrained weights
+    base_model = (hub_model_id(config.model) or pretrained.get("hf_hub_id")) if pretrained else None
     state = PartialState()
     output_dir = Path(run_args.output_dir)
     with state.main_process_first():
