@@ -254,6 +254,20 @@ def accuracy_by_class(predictions, labels, class_names, pretrained_label_names=N
     return out
 
 
+def _accuracy_metric():
+    """The shipped ``evaluate`` accuracy module; where ``evaluate`` is not installed (a bare GPU machine:
+    bench/paper_scale.py) the same mean of correct predictions, computed with numpy."""
+    try:
+        import evaluate
+    except ImportError:
+        import numpy as np
+        from types import SimpleNamespace
+
+        return SimpleNamespace(compute=lambda predictions, references: {
+            "accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))})
+    return evaluate.load(ACCURACY_METRIC)
+
+
 def _processor_config(mean, std, img_size) -> dict:
     """timm ``pretrained_cfg`` saved in config.json: what ``AutoImageProcessor`` normalizes with."""
     return {"input_size": (len(mean), *img_size), "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0,
@@ -266,7 +280,6 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
 
     ``defense`` (``sep_hf.defenses.build_defense``) must be the one ``config.defense`` names.
     """
-    import evaluate
     from transformers import TrainingArguments
 
     output_dir = Path(output_dir)
@@ -305,7 +318,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
         seed=config.seed, bf16=mixed_precision == "bf16", fp16=mixed_precision == "fp16",
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
     )
-    metric = evaluate.load(ACCURACY_METRIC)
+    metric = _accuracy_metric()
 
     last = {}
 
