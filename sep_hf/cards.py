@@ -209,7 +209,24 @@ def measured_matrix_section(method: str, eps: int | None, preset: str, path: Pat
             f"this dataset's scale.\n\n" + "\n".join(lines) + "\n\n"
             f"**Protection floor** (the best accuracy an appropriator reaches over these trainings): "
             f"**{row['floor']:.4f}** with `{row['floor_defense']}`. Trainings that undo most of the protection "
-            f"(at least {measured.get('defeat_share', 0.8):.0%} of the clean-data accuracy): {defeated}.{missing}")
+            f"(at least {measured.get('defeat_share', 0.8):.0%} of the clean-data accuracy): {defeated}.{missing}"
+            + _pretrained_sentence(row, clean))
+
+
+PRETRAINED_COLUMNS = {"pretrained-ft": "fine-tuning a pretrained backbone", "linear-probe": "a linear probe of a frozen pretrained backbone"}
+
+
+def _pretrained_sentence(row: dict, clean: dict) -> str:
+    """What the pretrained appropriator (columns ``pretrained-ft``, ``linear-probe``) reaches, said plainly."""
+    measured = [c for c in PRETRAINED_COLUMNS if c in row["cells"]]
+    if not measured:
+        return ""
+    reached = "; ".join(f"{PRETRAINED_COLUMNS[c]} reaches {row['cells'][c]:.4f}"
+                        + (f" ({clean[c]:.4f} on clean data)" if c in clean else "") for c in measured)
+    defeated = [c for c in measured if c in row.get("defeated_by", [])]
+    verdict = (" **This protection does not hold against a pretrained appropriator.**" if defeated
+               else f" The protection holds against {'both' if len(measured) == 2 else 'it'} at this scale.")
+    return f"\n\nThe pretrained appropriator (a backbone pretrained on other images): {reached}.{verdict}"
 
 
 PROTECTION_BEGIN = "<!-- sep-hf protection: begin -->"

@@ -30,3 +30,18 @@ def test_no_row_for_another_budget_or_scale(tmp_path):
     for eps, preset in ((4, "cpu"), (8, "paper")):
         assert measured_matrix_section("sep-fa-vr", eps, preset, path).startswith("No protection matrix")
     assert measured_matrix_section("cuda", 8, "cpu", path).startswith("No protection matrix")
+
+
+def test_pretrained_appropriator_is_named_plainly(tmp_path):
+    """Columns pretrained-ft / linear-probe: the card says what they reach, and whether the protection holds."""
+    path = _measured(tmp_path, {"none": 0.15, "jpeg": 0.70, "pretrained-ft": 0.65, "linear-probe": 0.30}, [])
+    row = json.loads(path.read_text())
+    row["rows"]["sep-fa-vr"]["defeated_by"] = ["jpeg", "pretrained-ft"]
+    row["clean"]["pretrained-ft"] = 0.74
+    path.write_text(json.dumps(row))
+    text = measured_matrix_section("sep-fa-vr", 8, "cpu", path)
+    assert "fine-tuning a pretrained backbone reaches 0.6500 (0.7400 on clean data)" in text
+    assert "linear probe of a frozen pretrained backbone reaches 0.3000" in text
+    assert "does not hold against a pretrained appropriator" in text
+    assert "pretrained appropriator" not in measured_matrix_section(
+        "sep-fa-vr", 8, "cpu", _measured(tmp_path, {"none": 0.15, "jpeg": 0.70}, []))
