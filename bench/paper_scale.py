@@ -167,7 +167,9 @@ def stage_craft(args, settings, data, record, device) -> None:
         for model in ensemble.models:
             model.compile()
     images, labels = data.train_images[: args.craft_images], data.train_labels[: args.craft_images]
-    class_means = ensemble.class_means(data.train_images, data.train_labels, cache_dir=args.runs_dir / "class_means")
+    # class means of the whole training set; a throughput run (--craft_images) takes those of the images it crafts
+    mean_images, mean_labels = (data.train_images, data.train_labels) if len(images) == len(data.train_labels) else (images, labels)
+    class_means = ensemble.class_means(mean_images, mean_labels, cache_dir=args.runs_dir / "class_means")
     config = SEPConfig(method="sep-fa-vr", eps=args.eps / 255, steps=settings["steps"], step_size=settings["step_size"] / 255,
                        vr_steps=settings["vr_steps"], bf16=True)
     transform = SEPTransform(ensemble, config, class_means)
@@ -196,6 +198,7 @@ def stage_craft(args, settings, data, record, device) -> None:
         "gradient_evaluations_per_image": evaluations, "gflop_per_gradient_evaluation": flops / 1e9,
         "achieved_tflops": achieved, "conv_peak_tflops": peak, "fraction_of_conv_peak": achieved / peak,
         "precision": "bf16 autocast" if bf16 else "fp32", "compile": args.compile, "batch": batch, "max_linf": linf,
+        "class_means_images": len(mean_images), "source": str(source),
         "config": {**asdict(config), "num_models": ensemble.num_models}}
 
 
