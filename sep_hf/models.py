@@ -391,6 +391,45 @@ def load_pretrained_backbone(model: str, num_classes: int = 0, **kwargs) -> nn.M
     cannot be loaded.
     """
     try:
+        config = _hub_config(model)
+        if "TimmWrapper" in " ".join(config.get("architectures") or []):
+            return _timm_from_transformers(model, config, num_classes)
         return timm.create_model(model, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise _cannot_load(model, err) from err
+
+
+def _hub_config(model: str) -> dict:
+    """config.json of an ``hf-hub:`` / ``local-dir:`` model ({} for a timm tag)."""
+    import json
+
+    source, _, identifier = model.partition(":") if model.startswith(PRETRAINED_SOURCES) else ("", "", model)
+    if source == "local-dir":
+        return json.loads((Path(identifier) / "config.json").read_text())
+    if source == "hf-hub":
+        from huggingface_hub import hf_hub_download
+
+        repo_id, _, revision = identifier.partition("@")
+        return json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision or None)).read_text())
+    return {}
+
+
+def _timm_from_transformers(model: str, config: dict, num_classes: int) -> nn.Module:
+    """The timm model inside a transformers ``TimmWrapperForImageClassification`` repo (a victim pushed by
+    sep-hf, or any Trainer fine-tune of a timm model), with its preprocessing as ``pretrained_cfg``."""
+    from transformers import TimmWrapperForImageClassification
+
+    repo = model.partition(":")[2]
+    repo, _, revision = repo.partition("@") if model.startswith("hf-hub:") else (repo, "", "")
+    wrapper = TimmWrapperForImageClassification.from_pretrained(repo, revision=revision or None, num_labels=num_classes or 1,
+                                                                ignore_mismatched_sizes=True)
+    backbone = wrapper.timm_model
+    if num_classes == 0:
+        backbone.reset_classifier(0)
+    labels = config.get("id2label") or {}
+    backbone.pretrained_cfg = {**backbone.pretrained_cfg, **(config.get("pretrained_cfg") or {}),
+                               "architecture": config["architecture"],
+                               "label_names": [labels[k] for k in sorted(labels, key=int)] if labels else None}
+    if model.startswith("hf-hub:"):
+        backbone.pretrained_cfg["hf_hub_id"] = repo
+    return backbone
