@@ -275,14 +275,32 @@ def _processor_config(mean, std, img_size) -> dict:
 
 
 def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: str | Path, defense: Defense | None = None,
-                 mixed_precision: str = "no", report_to: str = "none") -> dict:
+                 mixed_precision: str = "no", report_to: str = "none", gradient_accumulation_steps: int = 1) -> dict:
     """Train a victim on ``data.train_*`` and evaluate on the clean ``data.eval_*`` every epoch.
 
     ``defense`` (``sep_hf.defenses.build_defense``) must be the one ``config.defense`` names.
+    ``config.batch_size`` is the global batch of one optimizer step, as for the source: each of the
+    N processes (accelerate's ``PartialState``) gets ``batch_size / (N x gradient_accumulation_steps)``
+    images per micro-batch, so the learning-rate schedule, sized in optimizer steps of the global
+    batch, runs to its end whatever N is. Raises ValueError if that does not divide evenly.
     """
     from transformers import TrainingArguments
 
     output_dir = Path(output_dir)
+    # TrainingArguments sets up the distributed state (a PartialState made earlier may still say 1 process)
+    args = TrainingArguments(
+        output_dir=str(output_dir / "trainer"), num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        per_device_eval_batch_size=500,
+        eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=report_to,
+        seed=config.seed, bf16=mixed_precision == "bf16", fp16=mixed_precision == "fp16",
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
+    )
+    world = args.world_size
+    if config.batch_size % (world * gradient_accumulation_steps):
+        raise ValueError(f"--batch_size {config.batch_size} must be divisible by processes x gradient accumulation "
+                         f"({world} x {gradient_accumulation_steps}).")
+    micro_batch = args.per_device_train_batch_size = config.batch_size // (world * gradient_accumulation_steps)
     torch.manual_seed(config.seed)
     defense = defense or Defense()
     if defense.name != config.defense:
@@ -311,13 +329,6 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size {config.batch_size} is larger than the {len(data.train_labels)} training images.")
     optimizer, scheduler = config.optimizer_and_schedule(groups, steps_per_epoch)
-    args = TrainingArguments(
-        output_dir=str(output_dir / "trainer"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=500,
-        eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=report_to,
-        seed=config.seed, bf16=mixed_precision == "bf16", fp16=mixed_precision == "fp16",
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
-    )
     metric = _accuracy_metric()
 
     last = {}
@@ -343,6 +354,9 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
         "eval_loss": final["eval_loss"],
         "history": history.history,
         "train_seconds": train_output.metrics["train_runtime"],
+        "optimizer_steps": train_output.global_step,
+        "micro_batch_size": micro_batch, "num_processes": world, "gradient_accumulation_steps": gradient_accumulation_steps,
+        "planned_optimizer_steps": steps_per_epoch * config.epochs,
         "train_samples_per_second": train_output.metrics["train_samples_per_second"],
         "num_train": len(data.train_labels),
         "num_eval": len(data.eval_labels),

@@ -1,6 +1,8 @@
 """Victim building blocks: the shipped metric, collator normalization, model init, dataset-card rows."""
 from __future__ import annotations
 
+import json
+
 import evaluate
 import pytest
 import torch
@@ -104,3 +106,21 @@ def test_sample_grid_shows_clean_protected_and_the_amplified_perturbation():
             expected = quantize(image.clamp(0, 1)).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
             assert torch.equal(tile, expected), (r, c)
     assert (grid[height * scale : height * scale + gap] == 255).all()  # white separators between rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, accumulation", [(2, 1), (1, 2)])
+def test_victim_batch_is_global_across_processes_and_accumulation(tmp_path, processes, accumulation):
+    """--batch_size is one optimizer step's batch: 2 processes (or 2 accumulated micro-batches) of 25 images,
+    so 200 images make the 4 steps the learning-rate schedule was sized for (before: 2 steps of 100 on 2 processes,
+    and --gradient_accumulation_steps ignored)."""
+    from conftest import CIFAR10_DIR, run_recipe
+
+    out = tmp_path / "victim"
+    run_recipe("train_victim.py", ["--dataset", CIFAR10_DIR, "--preset", "cpu", "--max_train_samples", 200,
+                                   "--max_eval_samples", 100, "--epochs", 1, "--batch_size", 50,
+                                   "--gradient_accumulation_steps", accumulation, "--output_dir", out],
+               num_processes=processes)
+    results = json.loads((out / "results.json").read_text())
+    assert results["optimizer_steps"] == results["planned_optimizer_steps"] == 4
+    assert results["micro_batch_size"] == 25 and results["num_processes"] == processes

@@ -103,7 +103,8 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
     if hub_args.push_to_hub and state.is_main_process:
         hub.ensure_repo(hub_args.hub_model_id, "model", private=hub_args.hub_private_repo)
     mixed_precision = resolve_mixed_precision(run_args.mixed_precision, use_cpu=not state.device.type == "cuda")
-    results = train_victim(config, data, output_dir, defense, mixed_precision=mixed_precision)
+    results = train_victim(config, data, output_dir, defense, mixed_precision=mixed_precision,
+                           gradient_accumulation_steps=run_args.gradient_accumulation_steps)
     if not state.is_main_process:
         return None
     # Public names only: a local folder is named by its folder name, never by its path (cards are pushed).
