@@ -18,6 +18,7 @@ from pathlib import Path
 from common import RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results
 
 from sep_hf.protections import get_protection
+from sep_hf.protections.sep import SEPArguments
 
 
 def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: float | None = None,
@@ -30,7 +31,9 @@ def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: 
         alpha = [] if step_size is None else ["--step_size", step_size]
         budget = ["--eps", eps] if get_protection(method).has_budget else []  # CUDA has none
         extra = [item for flag, value in (flags or {}).items() for item in (f"--{flag}", value)]
-        launch("protect.py", ["--dataset", dataset, "--preset", "cpu", "--checkpoints", checkpoints, "--method", method,
+        # --checkpoints is a flag of the methods that craft with the self-ensemble (protect.py refuses it elsewhere)
+        ensemble = ["--checkpoints", checkpoints] if SEPArguments in get_protection(method).argument_classes() else []
+        launch("protect.py", ["--dataset", dataset, "--preset", "cpu", *ensemble, "--method", method,
                               *budget, *alpha, *extra, "--splits", "train", "--output_dir", output_dir],
                log=RUNS_DIR / f"{output_dir.name}.log")
     return output_dir / "dataset", read_json(output_dir / "results.json")

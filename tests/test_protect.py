@@ -11,6 +11,7 @@ import time
 import datasets
 import numpy as np
 import pytest
+from transformers import HfArgumentParser
 import torch
 from huggingface_hub import HfApi
 from PIL import Image
@@ -212,3 +213,20 @@ def test_composition_refuses_a_part_beyond_its_budget():
     beyond = composed([CUDATransform(CUDA_KEY, 10), Overshoot(3)], "img", "label")
     with pytest.raises(AssertionError, match=r"overshoot changed a pixel by 3/255, beyond its budget 2/255"):
         beyond.protect(images, labels, torch.arange(2))
+
+
+def test_flags_of_another_method_are_refused_before_compute():
+    """--method sep --craft_transforms jpeg would craft plain SEP labelled as asked: refused, as defenses do."""
+    from sep_hf.protections import check_method_flags, protection_arguments
+
+    parser = HfArgumentParser(protection_arguments())
+
+    def flags(*argv):
+        return parser.parse_args_into_dataclasses(list(argv))
+
+    with pytest.raises(ValueError, match="--craft_transforms only applies to --method sep-robust, not sep"):
+        check_method_flags("sep", flags("--craft_transforms", "jpeg"))
+    check_method_flags("sep-robust", flags("--craft_transforms", "jpeg", "--steps", "3"))  # robust reads SEP's flags too
+    check_method_flags("cuda+sep", flags("--cuda_key", "7", "--steps", "3"))  # a composition reads its parts'
+    with pytest.raises(ValueError, match="--steps only applies to --method sep"):
+        check_method_flags("cuda", flags("--steps", "3"))

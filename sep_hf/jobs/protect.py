@@ -39,7 +39,7 @@ from sep_hf.io import write_json
 from sep_hf.jobs.common import RESULTS_FILE, HubArguments, RunArguments
 from sep_hf.jobs.source import run_source_training
 from sep_hf.presets import apply_preset
-from sep_hf.protections import get_protection, list_protections
+from sep_hf.protections import check_method_flags, get_protection, list_protections
 from sep_hf.protections.base import load_shards, protect_split, split_summary
 from sep_hf.runtime import resolve_mixed_precision
 from sep_hf.training import SourceTrainingConfig
@@ -304,6 +304,7 @@ def run_protection(
     output_dir = Path(run_args.output_dir)
     wall: dict[str, float] = {}
     transform_cls = get_protection(args.method)
+    check_method_flags(args.method, method_args)  # before any compute: another method's flag would do nothing
     _check_budget(args, transform_cls)
 
     # Validate everything before spending compute or touching the Hub

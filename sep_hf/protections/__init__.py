@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from sep_hf.registry import Registry
 
-__all__ = ["register_protection", "get_protection", "list_protections", "protection_arguments", "PROTECTIONS"]
+__all__ = ["register_protection", "get_protection", "list_protections", "protection_arguments", "check_method_flags",
+           "PROTECTIONS"]
 
 PROTECTIONS = Registry("protection", __name__, "--method")
 register_protection = PROTECTIONS.register
@@ -40,3 +41,24 @@ def list_protections() -> list[str]:
 def protection_arguments() -> list[type]:
     """The distinct flag dataclasses of all registered methods (recipes/protect.py adds them to its parser)."""
     return PROTECTIONS.argument_classes()
+
+
+def check_method_flags(method: str, parsed: list | tuple) -> None:
+    """Refuse a flag of another method (``--method sep --craft_transforms jpeg`` would craft plain SEP
+    and mislabel the run): every flag dataclass ``method`` does not read must be at its defaults.
+
+    Raises ValueError naming the flag and the methods it belongs to.
+    """
+    from dataclasses import fields
+
+    used = get_protection(method).argument_classes()
+    for item in parsed:
+        cls = type(item)
+        if cls in used:
+            continue
+        default = cls()
+        for field in fields(cls):
+            if getattr(item, field.name) != getattr(default, field.name):
+                owners = [name for name in list_protections() if cls in get_protection(name).argument_classes()]
+                raise ValueError(f"--{field.name} only applies to --method {' | '.join(owners)}, not {method}; drop it "
+                                 f"or pass --method {owners[0]}.")

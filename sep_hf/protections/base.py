@@ -90,6 +90,11 @@ class ProtectionTransform:
 
     # -- the contract ---------------------------------------------------------------------------
     @classmethod
+    def argument_classes(cls) -> set[type]:
+        """Every flag dataclass this method reads: its own and its bases' (sep-robust reads SEP's too)."""
+        return {klass.__dict__["arguments"] for klass in cls.__mro__ if klass.__dict__.get("arguments")}
+
+    @classmethod
     def from_arguments(cls, context) -> "ProtectionTransform":
         """Build the transform for a protect.py run from a ``sep_hf.jobs.protect.ProtectionContext``."""
         raise NotImplementedError

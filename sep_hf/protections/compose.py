@@ -36,6 +36,10 @@ class ComposedProtection(ProtectionTransform):
         return None  # the composition as a whole is bounded only if every part is: see describe()
 
     @classmethod
+    def argument_classes(cls) -> set[type]:
+        return set().union(*(PROTECTIONS.get(part).argument_classes() for part in cls.part_names))
+
+    @classmethod
     def from_arguments(cls, context, name: str) -> "ComposedProtection":
         parts = [PROTECTIONS.get(part).from_arguments(context, part) for part in cls.part_names]
         return cls(parts, context.columns.image, context.columns.label, return_stats=True)
