@@ -19,6 +19,10 @@ from pathlib import Path
 
 import torch
 
+# The benchmarks only ever talk to loopback Hubs (sep_hf.testing.hub), which answer LFS, not Xet;
+# huggingface_hub reads this once, when it is first imported, so it is set before anything imports it.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
