@@ -287,9 +287,8 @@ def build_model(
         mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
     else:
         check_model_name(name)
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std must have one entry per input channel, got {len(mean)} and {len(std)}.")
-    if weights is None:
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std must have one entry per input channel, got {len(mean)} and {len(std)}.")
         kwargs = {**model_kwargs, **timm_model_args(name, img_size)}
         if len(mean) != 3:  # RGB passes nothing: timm's default, and the same models (and weights) as ever
             kwargs.setdefault("in_chans", len(mean))
