@@ -25,10 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import RUNS_DIR, markdown_table, write_results
 from sep_hf import CheckpointEnsemble, SEPConfig, craft_sep
-from sep_hf.checkpoints import save_checkpoint
+from sep_hf.source.checkpoints import save_checkpoint
 from sep_hf.models import build_model, model_from_config
-from sep_hf.protections.sep import target_classes, vr_picks
-from sep_hf.runtime import fast_bf16
+from sep_hf.protect.methods.sep import target_classes, vr_picks
+from sep_hf.utils.runtime import fast_bf16
 
 
 def official_style(images, labels, checkpoint_files, config_record, config: SEPConfig, class_means=None):
@@ -146,7 +146,7 @@ def main():
     args = parser.parse_args()
     precisions = args.precisions or (["bf16", "fp32"] if fast_bf16("cpu") else ["fp32"])
 
-    from sep_hf.data import DataArguments, load_training_data
+    from sep_hf.data.view import DataArguments, load_training_data
 
     data = load_training_data(DataArguments(dataset=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10"),
                                             max_train_samples=args.images, max_eval_samples=10))

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import REPO_ROOT, SHARED_CIFAR10, markdown_table, write_results
-from sep_hf.runtime import fast_bf16
+from sep_hf.utils.runtime import fast_bf16
 
 
 def run(tree: Path, recipe: str, args: list, env: dict) -> None:

@@ -21,8 +21,6 @@ Writes bench/results/own_dataset.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import subprocess
 import sys
 import time
@@ -33,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results  # noqa: E402
 
-from sep_hf.runtime import resolve_mixed_precision  # noqa: E402
+from sep_hf.utils.runtime import resolve_mixed_precision
 from sep_hf.testing.photos import build_photo_folder  # noqa: E402
 
 ROOT = RUNS_DIR / "own_dataset"

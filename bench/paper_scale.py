@@ -7,7 +7,7 @@
 
 Stages (``--stage source|craft|victim|all``; each reuses what an earlier stage left in --runs_dir):
 
-- source: ``sep_hf.training.train_source`` (the loop of recipes/train_source.py) on all 50,000 CIFAR-10
+- source: ``sep_hf.source.train.train_source`` (the loop of recipes/train_source.py) on all 50,000 CIFAR-10
   training images: ResNet-18 (CIFAR stem), batch 512, SGD-Nesterov, a one-cycle schedule (linear
   warm-up over 15% of the steps to lr 0.4, linear decay to 0), label smoothing 0.1, crop+flip on the
   device. The documented short schedule stands in for the paper's 120 epochs at lr 0.1 (step decay):
@@ -17,7 +17,7 @@ Stages (``--stage source|craft|victim|all``; each reuses what an earlier stage l
   image, all K checkpoints resident on the device, large batches, bf16 autocast + channels_last on
   CUDA: SEP-FA-VR, 30 steps of 1/255, K = 15 checkpoints and M = 15 inner steps (900 gradient
   evaluations per image), eps 8/255 (``--eps``). ``--compile`` compiles each checkpoint with torch.compile.
-- victim: ``sep_hf.victims.train_victim`` (Trainer, as recipes/train_victim.py) on the protected images,
+- victim: ``sep_hf.victim.trainer.train_victim`` (Trainer, as recipes/train_victim.py) on the protected images,
   the same recipe as the source, evaluated on the 10,000 clean test images.
 
 ``--time_budget_s`` sizes the source and victim epochs: a probe times training steps and one crafting
@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, RUNS_DIR, SHARED_CIFAR10, machine, markdown_table  # noqa: E402
 
-from sep_hf.runtime import fast_bf16, resolve_mixed_precision  # noqa: E402
+from sep_hf.utils.runtime import fast_bf16, resolve_mixed_precision
 
 PAPER = {"model": "resnet18_cifar", "batch_size": 512, "learning_rate": 0.4, "momentum": 0.9, "nesterov": True,
          "weight_decay": 5e-4, "label_smoothing": 0.1, "lr_schedule": "linear", "lr_milestones": [],
@@ -87,7 +87,7 @@ def load_cifar10(root: Path, split: str, limit: int | None) -> tuple[torch.Tenso
 
 
 def training_data(args, settings):
-    from sep_hf.data import TrainingData
+    from sep_hf.data.view import TrainingData
 
     train, train_labels, names = load_cifar10(Path(args.dataset), "train", settings.get("train_images"))
     test, test_labels, _ = load_cifar10(Path(args.dataset), "test", settings.get("test_images"))
@@ -136,7 +136,8 @@ def gradient_flops(model, images: torch.Tensor, target: torch.Tensor) -> float:
 def stage_source(args, settings, data, record, epochs: int) -> None:
     from accelerate import Accelerator
 
-    from sep_hf.training import SourceTrainingConfig, train_source
+    from sep_hf.source.recipe import SourceTrainingConfig
+    from sep_hf.source.train import train_source
 
     out = args.runs_dir / "source"
     if (out / "results.json").exists():
@@ -154,8 +155,8 @@ def stage_source(args, settings, data, record, epochs: int) -> None:
 
 
 def stage_craft(args, settings, data, record, device) -> None:
-    from sep_hf.ensemble import CheckpointEnsemble
-    from sep_hf.protections.sep import SEPConfig, SEPTransform
+    from sep_hf.protect.ensemble import CheckpointEnsemble
+    from sep_hf.protect.methods.sep import SEPConfig, SEPTransform
 
     out = args.runs_dir / f"protected-eps{args.eps:g}.pt"
     if out.exists():
@@ -205,7 +206,7 @@ def stage_craft(args, settings, data, record, device) -> None:
 def stage_victim(args, settings, data, record, epochs: int) -> None:
     from dataclasses import replace
 
-    from sep_hf.victims import VictimTrainingConfig, train_victim
+    from sep_hf.victim.trainer import VictimTrainingConfig, train_victim
 
     crafted = args.runs_dir / f"protected-eps{args.eps:g}.pt"
     key = f"eps{args.eps:g}"
@@ -303,7 +304,8 @@ def main():
             from accelerate import Accelerator
             from dataclasses import replace
 
-            from sep_hf.training import SourceTrainingConfig, train_source
+            from sep_hf.source.recipe import SourceTrainingConfig
+            from sep_hf.source.train import train_source
 
             small = replace(data, train_images=data.train_images[:256], train_labels=data.train_labels[:256],
                             eval_images=data.eval_images[:128], eval_labels=data.eval_labels[:128])

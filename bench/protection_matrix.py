@@ -3,7 +3,7 @@
     python bench/source_cpu.py              # first: the K=6 checkpoints in bench/runs/source-cpu
     python bench/protection_matrix.py [--protections clean sep-fa-vr sep-fa-vr@eps2 cuda@50% ...] [--defenses none at8-eval ...]
 
-Rows: clean data, every protection registered in ``sep_hf.protections`` (crafted on the first
+Rows: clean data, every protection registered in ``sep_hf.protect`` (crafted on the first
 10,000 CIFAR-10 training images at eps 8/255 with ``recipes/protect.py --preset cpu --splits train``
 through bench/sep_effectiveness.py's ``protect``), budget rows ``METHOD@epsN`` (crafted at N/255)
 and partial-protection rows ``METHOD@P%`` (only P% of the training rows protected: the victim mixes
@@ -38,10 +38,10 @@ import sep_effectiveness
 from common import (BACKBONE_MODEL, BACKBONE_REPO, REPO_ROOT, RUNS_DIR, SHARED_CIFAR10, bench_hub, launch, markdown_table,
                     read_json, write_results)
 
-from sep_hf.data import DataArguments
+from sep_hf.data.view import DataArguments
 from sep_hf.defenses import get_defense, list_defenses
-from sep_hf.protections import get_protection, list_protections
-from sep_hf.victims import VictimTrainingConfig
+from sep_hf.protect import get_protection, list_protections
+from sep_hf.victim.trainer import VictimTrainingConfig
 
 NAME = "protection_matrix"
 CELL_FILE = "bench_cell.json"

@@ -24,7 +24,7 @@ import time
 import common
 import protection_matrix as matrix
 import sep_effectiveness
-from common import RUNS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_results
+from common import SHARED_CIFAR10, markdown_table, read_json, write_results
 
 NAME = "robust_protection"
 # name -> sep-robust flags. Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
@@ -182,7 +182,7 @@ def promote(name: str, eps: float, model: str) -> None:
     """Link a finished candidate's crafting and victims under the names the matrix gives the sep-robust row."""
     from dataclasses import asdict
 
-    from sep_hf.protections.robust import RobustArguments
+    from sep_hf.protect.methods.robust import RobustArguments
 
     defaults = {key: value for key, value in asdict(RobustArguments()).items() if key != "robust_base"}
     flags = {**{key: value for key, value in defaults.items()}, **CANDIDATES[name]}

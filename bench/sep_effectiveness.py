@@ -17,8 +17,8 @@ from pathlib import Path
 
 from common import RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results
 
-from sep_hf.protections import get_protection
-from sep_hf.protections.sep import SEPArguments
+from sep_hf.protect import get_protection
+from sep_hf.protect.methods.sep import SEPArguments
 
 
 def protect(method: str, eps: float, checkpoints: str, dataset: str, step_size: float | None = None,

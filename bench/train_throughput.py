@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common import markdown_table, write_results
 from sep_hf.models import build_model
-from sep_hf.runtime import fast_bf16
+from sep_hf.utils.runtime import fast_bf16
 
 
 def images_per_second(name: str, bf16: bool, channels_last: bool, steps: int, batch: int = 128) -> float:

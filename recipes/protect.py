@@ -15,13 +15,13 @@ Writes OUTPUT_DIR/results.json (method, eps, counts, max L-inf, PSNR, wall secon
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
-from sep_hf.data import DataArguments
-from sep_hf.jobs.common import RunArguments, parse_recipe_args, setup_logging, run_main
-from sep_hf.jobs.protect import ProtectArguments, budget_text, run_protection
-from sep_hf.launch import prepare_launch
-from sep_hf.protections import protection_arguments
-from sep_hf.runtime import resolve_mixed_precision
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.data.view import DataArguments
+from sep_hf.arguments import RunArguments, parse_recipe_args, setup_logging, run_main
+from sep_hf.protect.job import ProtectArguments, budget_text, run_protection
+from sep_hf.utils.launch import prepare_launch
+from sep_hf.protect import protection_arguments
+from sep_hf.utils.runtime import resolve_mixed_precision
+from sep_hf.source.recipe import SourceTrainingConfig
 
 
 def make_parser() -> HfArgumentParser:

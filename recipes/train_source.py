@@ -5,8 +5,8 @@
 
     accelerate launch --cpu recipes/train_source.py --dataset cifar10 --preset cpu --output_dir runs/source-cpu
 
-Flags come from dataclasses (sep_hf.training.SourceTrainingConfig, sep_hf.data.DataArguments,
-sep_hf.jobs.common.RunArguments / HubArguments); a single .json or .yaml argument works too. Every preset
+Flags come from dataclasses (sep_hf.source.train.SourceTrainingConfig, sep_hf.data.DataArguments,
+sep_hf.arguments.RunArguments / HubArguments); a single .json or .yaml argument works too. Every preset
 value can be overridden by its flag. Rerunning the same command resumes from the last complete
 checkpoint (local, or the Hub repo's when the local folder is gone).
 
@@ -17,13 +17,13 @@ first 2k test images.
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
-from sep_hf.data import DataArguments
+from sep_hf.data.view import DataArguments
 from sep_hf.defenses import defense_arguments
-from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
-from sep_hf.jobs.source import run_source_training
-from sep_hf.launch import prepare_launch
-from sep_hf.runtime import resolve_mixed_precision
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.arguments import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
+from sep_hf.source.job import run_source_training
+from sep_hf.utils.launch import prepare_launch
+from sep_hf.utils.runtime import resolve_mixed_precision
+from sep_hf.source.recipe import SourceTrainingConfig
 
 
 def make_parser() -> HfArgumentParser:

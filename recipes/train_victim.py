@@ -24,13 +24,13 @@ OUTPUT_DIR/model (weights, image processor, card whose model-index holds the acc
 
 from transformers import HfArgumentParser
 
-from sep_hf.cards import defense_label
-from sep_hf.data import DataArguments
+from sep_hf.publish.cards import defense_label
+from sep_hf.data.view import DataArguments
 from sep_hf.defenses import defense_arguments
-from sep_hf.jobs.common import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
-from sep_hf.jobs.victim import VictimArguments, run_victim
-from sep_hf.launch import prepare_launch
-from sep_hf.victims import VictimTrainingConfig
+from sep_hf.arguments import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
+from sep_hf.victim.job import VictimArguments, run_victim
+from sep_hf.utils.launch import prepare_launch
+from sep_hf.victim.trainer import VictimTrainingConfig
 
 
 def make_parser() -> HfArgumentParser:

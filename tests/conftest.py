@@ -141,7 +141,7 @@ TINY_TRAIN, TINY_EVAL = 1000, 500
 def accelerator():
     from accelerate import Accelerator
 
-    from sep_hf.runtime import resolve_mixed_precision
+    from sep_hf.utils.runtime import resolve_mixed_precision
 
     return Accelerator(cpu=True, mixed_precision=resolve_mixed_precision("auto", use_cpu=True))
 
@@ -149,15 +149,15 @@ def accelerator():
 @pytest.fixture(scope="session")
 def cifar_small():
     """First 1000 train / 500 test CIFAR-10 images, read straight from the shared folder."""
-    from sep_hf.data import DataArguments, load_training_data
+    from sep_hf.data.view import DataArguments, load_training_data
 
     return load_training_data(DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=TINY_TRAIN,
                                             max_eval_samples=TINY_EVAL))
 
 
 def tiny_source_config(**overrides):
-    from sep_hf.presets import apply_preset
-    from sep_hf.training import SourceTrainingConfig
+    from sep_hf.utils.presets import apply_preset
+    from sep_hf.source.recipe import SourceTrainingConfig
 
     config = SourceTrainingConfig(**{"epochs": 10, "num_checkpoints": 4, "batch_size": 25, "seed": 0, **overrides})
     apply_preset("cpu", config)
@@ -167,7 +167,7 @@ def tiny_source_config(**overrides):
 @pytest.fixture(scope="session")
 def tiny_source_run(tmp_path_factory, cifar_small, accelerator):
     """Output folder of a 10-epoch smallnet run on 1000 images with 4 checkpoints (about 10 s)."""
-    from sep_hf.training import train_source
+    from sep_hf.source.train import train_source
 
     output_dir = tmp_path_factory.mktemp("tiny-source")
     train_source(tiny_source_config(), cifar_small, output_dir, accelerator)

@@ -2,7 +2,7 @@
 
 import json
 
-from sep_hf.cards import measured_matrix_section
+from sep_hf.publish.cards import measured_matrix_section
 
 
 def _measured(tmp_path, cells, missing):

@@ -14,17 +14,16 @@ from transformers import TrainingArguments
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from conftest import CIFAR10_DIR, run_recipe
-from sep_hf import victims
-from sep_hf.cards import add_victim_to_dataset_card, defense_label, protected_dataset_card
+from sep_hf.victim import trainer as victims
+from sep_hf.publish.cards import add_victim_to_dataset_card, defense_label, protected_dataset_card
 from sep_hf.defenses import DEFENSES, build_defense, get_defense, list_defenses, register_defense
 from sep_hf.defenses.at import ATArguments, frozen_buffers
 from sep_hf.defenses.base import Defense
 from sep_hf.defenses.jpeg import JPEGArguments
 from sep_hf.defenses.rse import RSEArguments
-from sep_hf.transforms import grayscale, jpeg
-from sep_hf.training import channel_stats
-from sep_hf.victims import (TensorImageDataset, VictimCollator, VictimTrainer, VictimTrainingConfig,
-                            build_victim_model, train_victim)
+from sep_hf.squeezes import grayscale, jpeg
+from sep_hf.source.augment import channel_stats
+from sep_hf.victim.trainer import TensorImageDataset, VictimCollator, VictimTrainer, VictimTrainingConfig, build_victim_model, train_victim
 
 
 def _trainer(tmp_path, model, config, mean, std, defense_args=(), **kwargs) -> VictimTrainer:

@@ -1,4 +1,4 @@
-"""Hub safety checks of sep_hf.hub, against the loopback Hub: private source checkpoints, enforced
+"""Hub safety checks of sep_hf.publish.hub, against the loopback Hub: private source checkpoints, enforced
 dataset visibility, and write access checked before any compute without creating anything."""
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import HUB_READ_TOKEN
-from sep_hf import hub
-from sep_hf.hub import (
-    HubError,
-    check_write_access,
-    ensure_private_repo,
-    ensure_repo,
-    ensure_repo_visibility,
-    repo_visibility,
-)
+from sep_hf.publish import hub
+from sep_hf.publish.hub import HubError, check_write_access, ensure_private_repo, ensure_repo, ensure_repo_visibility, repo_visibility
 
 
 def _private(repo_id: str, repo_type: str = "model") -> bool:

@@ -1,4 +1,4 @@
-"""sep_hf.launch: every process started through prepare_launch() dies with its launcher.
+"""sep_hf.utils.launch: every process started through prepare_launch() dies with its launcher.
 
 A recipe left running after ``kill -9`` of ``accelerate launch`` would still push to the Hub when it
 finishes; these tests kill the launcher and check that nothing of the run survives it.
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pa
 WORKER = """
 import os, sys, time
 from pathlib import Path
-from sep_hf.launch import prepare_launch
+from sep_hf.utils.launch import prepare_launch
 
 prepare_launch()
 out = Path(sys.argv[1])

@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 from conftest import CIFAR10_DIR
-from sep_hf.data import (DataArguments, convert_mode, images_to_uint8, split_alpha, tensor_to_png_images,
-                         write_hub_layout)
-from sep_hf.jobs.common import HubArguments, RunArguments
-from sep_hf.jobs.protect import ProtectArguments, run_protection
-from sep_hf.protections.sep import SEPArguments
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.data.view import DataArguments
+from sep_hf.data.images import convert_mode, images_to_uint8, split_alpha, tensor_to_png_images
+from sep_hf.publish.folder import write_hub_layout
+from sep_hf.arguments import HubArguments, RunArguments
+from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.protect.methods.sep import SEPArguments
+from sep_hf.source.recipe import SourceTrainingConfig
 
 EPS = 8
 COUNTS = {"L": {"train": 200, "test": 50}, "RGBA": {"train": 60, "test": 20}}
@@ -156,8 +157,8 @@ def test_grayscale_is_crafted_on_one_channel_and_published_l(gray_dir, gray_run)
 def test_a_victim_trains_on_the_published_grayscale_dataset(gray_run, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from sep_hf.jobs.victim import VictimArguments, run_victim
-    from sep_hf.victims import VictimTrainingConfig
+    from sep_hf.victim.job import VictimArguments, run_victim
+    from sep_hf.victim.trainer import VictimTrainingConfig
 
     published = gray_run / "dataset"
     results = run_victim(VictimTrainingConfig(model="smallnet_cifar", epochs=1, batch_size=50),
@@ -189,7 +190,7 @@ def test_rgba_keeps_its_alpha_and_the_budget(rgba_dir, gray_run, tmp_path, accel
                                                                                      batch_size=50))
     _check_published(rgba_dir, output_dir, "RGBA", {"train", "test"})
     from sep_hf import CheckpointEnsemble
-    from sep_hf.protections.sep import SEPConfig, craft_sep
+    from sep_hf.protect.methods.sep import SEPConfig, craft_sep
 
     rgb_ensemble = CheckpointEnsemble.from_pretrained(output_dir / "source")  # trained on the colour channels
     assert rgb_ensemble.in_chans == 3

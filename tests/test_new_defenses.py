@@ -6,11 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from sep_hf import victims
+from sep_hf.victim import trainer as victims
 from sep_hf.defenses import build_defense, get_defense
-from sep_hf.jobs.victim import VictimArguments, mix_clean_rows
-from sep_hf.transforms import bit_depth, gaussian_blur
-from sep_hf.victims import VictimTrainingConfig, train_victim
+from sep_hf.victim.job import VictimArguments, mix_clean_rows
+from sep_hf.squeezes import bit_depth, gaussian_blur
+from sep_hf.victim.trainer import VictimTrainingConfig, train_victim
 
 TINY = dict(model="smallnet_cifar", epochs=1, batch_size=50, learning_rate=0.01, momentum=0.9, nesterov=False,
             weight_decay=0.0, label_smoothing=0.0, lr_schedule="linear", lr_milestones=[], warmup_epochs=0.0,
@@ -142,7 +142,7 @@ def test_partial_protection_swaps_the_chosen_rows_for_their_originals(cifar_smal
 
 @pytest.mark.parametrize("quality", [10, 50])
 def test_differentiable_jpeg_matches_pil_and_has_gradients(cifar_small, quality):
-    from sep_hf.transforms import jpeg
+    from sep_hf.squeezes import jpeg
 
     images = cifar_small.eval_images[:100]
     reference = jpeg(images, quality).float() / 255  # PIL's libjpeg

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +19,15 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from conftest import CIFAR10_DIR, REPO_ROOT, SHARED_DIR, launch_command
-from sep_hf.data import DataArguments, DatasetError, decode_image, load_training_data
-from sep_hf.jobs.common import HubArguments, RunArguments
-from sep_hf.jobs.protect import ProtectArguments, run_protection
-from sep_hf.protections.cuda import CUDAArguments
-from sep_hf.protections.sep import SEPArguments, present_targets
+from sep_hf.data.view import DataArguments, load_training_data
+from sep_hf.data.load import DatasetError
+from sep_hf.data.images import decode_image
+from sep_hf.arguments import HubArguments, RunArguments
+from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.protect.methods.cuda import CUDAArguments
+from sep_hf.protect.methods.sep import SEPArguments, present_targets
 from sep_hf.testing.photos import build_photo_folder
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.source.recipe import SourceTrainingConfig
 
 QA_INPUTS = SHARED_DIR / "qa" / "inputs"
 EPS = 8
@@ -119,15 +120,15 @@ def test_model_view_decoded_per_batch_trains_the_same_source(photos, tmp_path, a
     """--keep_in_memory_mb 0 (ImageRows, decoded per batch) gives the in-memory run's exact weights."""
     from safetensors.torch import load_file
 
-    from sep_hf.data import ImageRows
-    from sep_hf.training import train_source
+    from sep_hf.data.view import ImageRows
+    from sep_hf.source.train import train_source
 
     weights = []
     for budget in (4096, 0):
         data = load_training_data(DataArguments(dataset=str(photos), image_size=[24], keep_in_memory_mb=budget))
         assert isinstance(data.train_images, ImageRows) == (budget == 0)
         config = SourceTrainingConfig(epochs=2, num_checkpoints=1, batch_size=12)
-        from sep_hf.presets import apply_preset
+        from sep_hf.utils.presets import apply_preset
 
         apply_preset("cpu", config)
         train_source(config, data, tmp_path / str(budget), accelerator)
@@ -208,8 +209,8 @@ def test_unprotected_split_of_a_local_folder_carries_its_bytes(tmp_path, acceler
 
 
 def test_victim_results_and_card_name_local_folders_by_name_only(photos, tmp_path):
-    from sep_hf.jobs.victim import VictimArguments, run_victim
-    from sep_hf.victims import VictimTrainingConfig
+    from sep_hf.victim.job import VictimArguments, run_victim
+    from sep_hf.victim.trainer import VictimTrainingConfig
 
     test_folder = build_photo_folder(CIFAR10_DIR, tmp_path / "photos-test", 60, 40, 72, split="test", seed=1)
     config = VictimTrainingConfig(epochs=1, batch_size=12)
@@ -241,7 +242,7 @@ def test_protecting_a_hub_repo_in_place_keeps_the_owners_card(tmp_path, accelera
 
 
 def test_sep_fa_run_targets_only_classes_that_have_training_images(tmp_path, accelerator, tiny_source_run, monkeypatch):
-    import sep_hf.protections.sep as sep_module
+    import sep_hf.protect.methods.sep as sep_module
 
     source = datasets.load_dataset(str(CIFAR10_DIR), split="train").select(range(200))
     few = source.filter(lambda row: row["label"] in (0, 1, 2, 3)).select(range(24))
@@ -271,7 +272,7 @@ def test_sep_targets_only_classes_that_have_training_images():
 @pytest.mark.parametrize("method", ["sep", "sep-fa-vr"])
 def test_images_of_different_sizes_crafted_together_match_crafting_each_alone(tiny_ensemble, method):
     """A zero-padded canvas (RaggedResize) gives each image what crafting it alone (interpolate) gives."""
-    from sep_hf.protections.sep import SEPConfig, craft_sep
+    from sep_hf.protect.methods.sep import SEPConfig, craft_sep
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(40, 56), (48, 36), (32, 32)]
@@ -295,7 +296,7 @@ def test_images_of_different_sizes_crafted_together_match_crafting_each_alone(ti
 
 def test_dataset_map_adapter_protects_photos_of_mixed_sizes(photos, tiny_ensemble):
     """The README's Python use: ``dataset.map(SEPTransform(...))`` on a folder of mixed sizes."""
-    from sep_hf.protections.sep import SEPConfig, SEPTransform
+    from sep_hf.protect.methods.sep import SEPConfig, SEPTransform
 
     source = datasets.load_dataset(str(photos))["train"].select(range(12))
     means = torch.zeros(tiny_ensemble.num_models, 10, tiny_ensemble.models[0].features(torch.zeros(1, 3, 32, 32)).shape[1])

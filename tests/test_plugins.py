@@ -23,8 +23,8 @@ PLUGIN = textwrap.dedent('''
 
     from sep_hf.defenses import register_defense
     from sep_hf.defenses.base import Defense
-    from sep_hf.protections import register_protection
-    from sep_hf.protections.base import ProtectionTransform, config_hash
+    from sep_hf.protect import register_protection
+    from sep_hf.protect.base import ProtectionTransform, config_hash
 
 
     @dataclass
@@ -87,7 +87,7 @@ PLUGIN = textwrap.dedent('''
 def plugin(tmp_path, monkeypatch):
     """The plug-in module on the import path, and both registries reloaded to pick it up (undone after)."""
     from sep_hf.defenses import DEFENSES
-    from sep_hf.protections import PROTECTIONS
+    from sep_hf.protect import PROTECTIONS
 
     folder = tmp_path / "plugins"
     folder.mkdir()
@@ -123,11 +123,11 @@ def test_plugin_protection_and_defense_appear_in_help(plugin):
 def test_plugin_protection_crafts_and_states_itself_on_the_card(plugin, tmp_path, accelerator):
     import datasets
 
-    from sep_hf.data import DataArguments
-    from sep_hf.jobs.common import RunArguments
-    from sep_hf.jobs.protect import ProtectArguments, run_protection
-    from sep_hf.protections import get_protection
-    from sep_hf.training import SourceTrainingConfig
+    from sep_hf.data.view import DataArguments
+    from sep_hf.arguments import RunArguments
+    from sep_hf.protect.job import ProtectArguments, run_protection
+    from sep_hf.protect import get_protection
+    from sep_hf.source.recipe import SourceTrainingConfig
 
     checker_arguments = get_protection("checker").arguments(checker_period=4)
     results = run_protection(ProtectArguments(method="checker", eps=4, splits=["train"]),
@@ -143,11 +143,11 @@ def test_plugin_protection_crafts_and_states_itself_on_the_card(plugin, tmp_path
 
 
 def test_plugin_defense_trains_a_victim_and_reaches_its_card(plugin, tmp_path):
-    from sep_hf.data import DataArguments
+    from sep_hf.data.view import DataArguments
     from sep_hf.defenses import get_defense
-    from sep_hf.jobs.common import HubArguments, RunArguments
-    from sep_hf.jobs.victim import VictimArguments, run_victim
-    from sep_hf.victims import VictimTrainingConfig
+    from sep_hf.arguments import HubArguments, RunArguments
+    from sep_hf.victim.job import VictimArguments, run_victim
+    from sep_hf.victim.trainer import VictimTrainingConfig
 
     hflip_arguments = get_defense("hflip").arguments(hflip_fraction=0.5)
     config = VictimTrainingConfig(model="smallnet_cifar", defense="hflip", epochs=1, batch_size=50)

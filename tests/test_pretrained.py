@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from sep_hf.models import build_model, pretrained_weights_name
 from sep_hf.testing.backbone import export_timm_backbone
-from sep_hf.training import parameter_groups
-from sep_hf.victims import VictimTrainingConfig, accuracy_by_class, build_victim_model
+from sep_hf.source.recipe import parameter_groups
+from sep_hf.victim.trainer import VictimTrainingConfig, accuracy_by_class, build_victim_model
 
 SEEN = ["airplane", "automobile", "bird", "cat", "deer"]  # the backbone's classes: half of CIFAR-10's
 TINY = ["--dataset", str(CIFAR10_DIR), "--preset", "cpu", "--max_train_samples", "200", "--max_eval_samples", "100",
@@ -22,7 +22,7 @@ TINY = ["--dataset", str(CIFAR10_DIR), "--preset", "cpu", "--max_train_samples",
 @pytest.fixture(scope="module")
 def backbone_folder(tmp_path_factory, tiny_source_run):
     """A 5-class smallnet whose features are the tiny source run's, exported as a timm model folder."""
-    from sep_hf.checkpoints import list_checkpoints
+    from sep_hf.source.checkpoints import list_checkpoints
 
     trained = list_checkpoints(tiny_source_run)[-1].load_state_dict()
     model = build_model("smallnet_cifar", 5, 32, mean=(0.5, 0.45, 0.4), std=(0.25, 0.24, 0.26))
@@ -140,7 +140,7 @@ def test_source_fine_tuned_from_backbone_rebuilds_offline(backbone_folder, tmp_p
     """train_source.py --model FOLDER: checkpoints of a fine-tuning trajectory, loadable as an ensemble
     without the backbone's repo (they name the architecture, and keep the backbone's normalization)."""
     from sep_hf import CheckpointEnsemble
-    from sep_hf.checkpoints import list_checkpoints
+    from sep_hf.source.checkpoints import list_checkpoints
 
     folder, pretrained = backbone_folder
     out = tmp_path / "ft-source"

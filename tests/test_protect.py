@@ -17,12 +17,13 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from conftest import REPO_ROOT, launch_command, run_recipe
-from sep_hf.data import DataArguments, DatasetError
-from sep_hf.hub import HubError
-from sep_hf.jobs.common import RunArguments
-from sep_hf.jobs.protect import ProtectArguments, run_protection
-from sep_hf.protections.sep import SEPArguments
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.data.view import DataArguments
+from sep_hf.data.load import DatasetError
+from sep_hf.publish.hub import HubError
+from sep_hf.arguments import RunArguments
+from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.protect.methods.sep import SEPArguments
+from sep_hf.source.recipe import SourceTrainingConfig
 
 
 def _args(checkpoints, output_dir, *extra):
@@ -162,10 +163,10 @@ def _pixels(split) -> torch.Tensor:
 
 def test_composition_crafts_sep_on_the_cuda_output_within_its_budget(loopback_hub, tiny_source_run, tmp_path,
                                                                      accelerator):
-    from sep_hf.data import quantize
-    from sep_hf.protections import get_protection
-    from sep_hf.protections.compose import ComposedProtection
-    from sep_hf.protections.cuda import CUDAArguments, apply_cuda, cuda_filters
+    from sep_hf.data.images import quantize
+    from sep_hf.protect import get_protection
+    from sep_hf.protect.compose import ComposedProtection
+    from sep_hf.protect.methods.cuda import CUDAArguments, apply_cuda, cuda_filters
 
     composed = get_protection("cuda+sep")
     assert issubclass(composed, ComposedProtection) and composed.part_names == ("cuda", "sep")
@@ -192,9 +193,9 @@ def test_composition_crafts_sep_on_the_cuda_output_within_its_budget(loopback_hu
 
 
 def test_composition_refuses_a_part_beyond_its_budget():
-    from sep_hf.protections import get_protection
-    from sep_hf.protections.base import ProtectionTransform
-    from sep_hf.protections.cuda import CUDATransform
+    from sep_hf.protect import get_protection
+    from sep_hf.protect.base import ProtectionTransform
+    from sep_hf.protect.methods.cuda import CUDATransform
 
     class Overshoot(ProtectionTransform):
         name = "overshoot"
@@ -217,7 +218,7 @@ def test_composition_refuses_a_part_beyond_its_budget():
 
 def test_flags_of_another_method_are_refused_before_compute():
     """--method sep --craft_transforms jpeg would craft plain SEP labelled as asked: refused, as defenses do."""
-    from sep_hf.protections import check_method_flags, protection_arguments
+    from sep_hf.protect import check_method_flags, protection_arguments
 
     parser = HfArgumentParser(protection_arguments())
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import run_recipe
-from sep_hf import transforms
-from sep_hf.data import quantize
-from sep_hf.eot import VIEWS, apply_views, draw_keys, lowpass_direction, parse_views
-from sep_hf.protections import get_protection
-from sep_hf.protections.sep import SEPConfig, craft_sep
+from sep_hf import squeezes
+from sep_hf.data.images import quantize
+from sep_hf.protect.eot import VIEWS, apply_views, lowpass_direction, parse_views
+from sep_hf.seeding import draw_keys
+from sep_hf.protect import get_protection
+from sep_hf.protect.methods.sep import SEPConfig, craft_sep
 
 ALL_VIEWS = ("jpeg", "grayscale", "blur", "bitdepth", "noise", "augment")
 
@@ -42,10 +43,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_views_match_the_defenses_squeezes_on_real_images(real_images):
     """The float views the crafting sees stay close to the uint8 squeezes the victim trains on."""
     x = real_images.float() / 255
-    assert _psnr(transforms.jpeg(x, 10), transforms.jpeg(real_images, 10).float() / 255) > 30  # measured 35.3 dB
-    assert (transforms.grayscale(x) * 255 - transforms.grayscale(real_images).float()).abs().max() <= 0.5 + 1e-4
-    assert (transforms.gaussian_blur(x, 1.0) * 255 - transforms.gaussian_blur(real_images, 1.0).float()).abs().max() <= 0.5 + 1e-3
-    assert torch.equal(quantize(transforms.bit_depth(x, 4)), transforms.bit_depth(real_images, 4))
+    assert _psnr(squeezes.jpeg(x, 10), squeezes.jpeg(real_images, 10).float() / 255) > 30  # measured 35.3 dB
+    assert (squeezes.grayscale(x) * 255 - squeezes.grayscale(real_images).float()).abs().max() <= 0.5 + 1e-4
+    assert (squeezes.gaussian_blur(x, 1.0) * 255 - squeezes.gaussian_blur(real_images, 1.0).float()).abs().max() <= 0.5 + 1e-3
+    assert torch.equal(quantize(squeezes.bit_depth(x, 4)), squeezes.bit_depth(real_images, 4))
 
 
 @pytest.mark.parametrize("name", ALL_VIEWS)
@@ -164,10 +165,10 @@ def _tiny(data, count=200):
 def test_source_trained_through_a_defense_uses_its_hooks(cifar_small, accelerator, tmp_path):
     """train_source --defense (a robust self-ensemble): the squeeze and the per-batch hook really run."""
     from conftest import tiny_source_config
-    from sep_hf.checkpoints import list_checkpoints
+    from sep_hf.source.checkpoints import list_checkpoints
     from sep_hf.defenses import build_defense, defense_arguments
     from sep_hf.defenses.at import ATArguments
-    from sep_hf.training import train_source
+    from sep_hf.source.train import train_source
 
     data = _tiny(cifar_small)
     states = {}
@@ -195,7 +196,7 @@ def test_source_trained_through_a_defense_uses_its_hooks(cifar_small, accelerato
 
 
 def test_classwise_share_moves_every_image_of_a_class_by_its_pattern(tiny_ensemble, batch, means):
-    from sep_hf.protections.sep import classwise_patterns
+    from sep_hf.protect.methods.sep import classwise_patterns
 
     images, labels = batch
     whole = SEPConfig(method="sep-fa", steps=2, step_size=2 / 255, classwise_share=1.0, classwise_block=4)

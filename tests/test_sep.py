@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sep_hf import SEPConfig, SEPTransform, craft_sep
-from sep_hf.data import quantize, tensor_to_png_images
-from sep_hf.protections import get_protection, list_protections
-from sep_hf.protections.base import budget_clamp
-from sep_hf.protections.sep import target_classes, vr_picks
+from sep_hf.data.images import quantize, tensor_to_png_images
+from sep_hf.protect import get_protection, list_protections
+from sep_hf.protect.base import budget_clamp
+from sep_hf.protect.methods.sep import target_classes, vr_picks
 
 pytestmark = pytest.mark.usefixtures("tiny_ensemble")
 

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, launch_command, run_recipe
 from sep_hf import CheckpointEnsemble, CheckpointError
-from sep_hf.checkpoints import evenly_spaced, list_checkpoints
-from sep_hf.training import SourceTrainingConfig, augment_crop_flip
+from sep_hf.source.checkpoints import evenly_spaced, list_checkpoints
+from sep_hf.source.recipe import SourceTrainingConfig
+from sep_hf.source.augment import augment_crop_flip
 
 # A few hundred images through the loopback Hub: 8 epochs, checkpoints at 2, 4, 6, 8.
 RECIPE_ARGS = ["--dataset", "cifar10", "--preset", "cpu", "--max_train_samples", 400, "--max_eval_samples", 100,
@@ -64,7 +65,7 @@ def _final_weights(output_dir):
 def eval_split():
     """The 100 clean test images the recipe runs evaluate on."""
     from conftest import CIFAR10_DIR
-    from sep_hf.data import DataArguments, load_training_data
+    from sep_hf.data.view import DataArguments, load_training_data
 
     data = load_training_data(DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=100, max_eval_samples=100))
     return data.eval_images, data.eval_labels
@@ -73,7 +74,7 @@ def eval_split():
 def _recorded_and_recomputed_accuracy(output_dir, eval_split, accelerator):
     """Each checkpoint's recorded clean accuracy, and the one its saved weights give (the run's own function)."""
     from sep_hf.models import model_from_config
-    from sep_hf.training import evaluate_accuracy
+    from sep_hf.source.train import evaluate_accuracy
 
     pairs = []
     for checkpoint in list_checkpoints(output_dir):
@@ -191,7 +192,7 @@ def test_push_to_private_repo_then_resume_from_hub(loopback_hub, unique_repo_id,
 
 
 def test_public_repo_when_asked(loopback_hub, unique_repo_id, tmp_path):
-    from sep_hf.hub import ensure_repo
+    from sep_hf.publish.hub import ensure_repo
 
     public, private = unique_repo_id("public"), unique_repo_id("private")
     ensure_repo(public, private=False)
@@ -210,7 +211,7 @@ def test_ensemble_rejects_mixed_architectures(tiny_source_run, tmp_path):
 
 
 def test_corrupted_checkpoint_is_never_loaded(tiny_source_run, tmp_path):
-    from sep_hf.jobs.source import find_resume_checkpoint
+    from sep_hf.source.job import find_resume_checkpoint
 
     shutil.copytree(tiny_source_run / "checkpoints", tmp_path / "checkpoints")
     *_, before_last, last = list_checkpoints(tmp_path)

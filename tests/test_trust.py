@@ -1,6 +1,6 @@
 """The protection job refuses what it cannot publish honestly, and publishes nothing it should not.
 
-Each test checks one behaviour of ``sep_hf.jobs.protect.run_protection`` (in-process) or of the
+Each test checks one behaviour of ``sep_hf.protect.job.run_protection`` (in-process) or of the
 recipe / data helpers around it: budget rounding, refusals before any crafting, resume of a
 damaged shard, ``--resize``, no local paths on the public card, write access before compute, and
 no echo of a secret CUDA key. Datasets are tiny (tens of images) Hub-layout parquet folders built
@@ -24,14 +24,15 @@ import yaml
 from PIL import Image
 
 from conftest import CIFAR10_DIR, REPO_ROOT
-from sep_hf.checkpoints import CheckpointError
-from sep_hf.data import DataArguments, DatasetError, load_training_data
-from sep_hf.hub import HubError
-from sep_hf.jobs.common import RunArguments
-from sep_hf.jobs.protect import ProtectArguments, run_protection
-from sep_hf.protections.sep import SEPArguments, SEPTransform
-from sep_hf.presets import apply_preset
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.source.checkpoints import CheckpointError
+from sep_hf.data.view import DataArguments, load_training_data
+from sep_hf.data.load import DatasetError
+from sep_hf.publish.hub import HubError
+from sep_hf.arguments import RunArguments
+from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.protect.methods.sep import SEPArguments, SEPTransform
+from sep_hf.utils.presets import apply_preset
+from sep_hf.source.recipe import SourceTrainingConfig
 
 NUM_TRAIN = 20
 
@@ -309,7 +310,7 @@ def test_em_followers_give_up_when_the_main_process_stops_saving(tmp_path):
     import os
     import time
 
-    from sep_hf.protections.em import NOISE_FILE, STATE_FILE, _wait_for_fit
+    from sep_hf.protect.methods.em import NOISE_FILE, STATE_FILE, _wait_for_fit
 
     state = tmp_path / STATE_FILE
     state.write_bytes(b"state")
@@ -324,7 +325,7 @@ def test_em_followers_give_up_when_the_main_process_stops_saving(tmp_path):
 
 
 def test_unknown_victim_model_names_the_problem_and_close_matches():
-    from sep_hf.victims import VictimTrainingConfig, build_victim_model
+    from sep_hf.victim.trainer import VictimTrainingConfig, build_victim_model
 
     with pytest.raises(ValueError, match=r"Unknown model 'resnet18_cifr'.*Did you mean resnet18_cifar"):
         build_victim_model(VictimTrainingConfig(model="resnet18_cifr"), [str(i) for i in range(10)], (32, 32))
@@ -333,7 +334,7 @@ def test_unknown_victim_model_names_the_problem_and_close_matches():
 @pytest.mark.parametrize("method, expected", [("sep", 30), ("sep-fa", 30), ("sep-fa-vr", 15)])
 def test_paper_preset_compares_the_sep_variants_at_equal_compute(tiny_source_run, tmp_path, accelerator, method, expected):
     """--preset paper: SEP and SEP-FA take 30 checkpoints, SEP-FA-VR 15 + 15 inner steps (the paper's setting)."""
-    from sep_hf.protections.sep import SEPConfig
+    from sep_hf.protect.methods.sep import SEPConfig
 
     with pytest.raises(CheckpointError, match=rf"Asked for {expected} checkpoints \(--num_models\) but 4"):
         run_protection(ProtectArguments(method=method),

@@ -8,8 +8,8 @@ import pytest
 import torch
 from huggingface_hub import DatasetCard
 
-from sep_hf.cards import add_victim_to_dataset_card, protected_dataset_card
-from sep_hf.victims import ACCURACY_METRIC, VictimCollator, VictimTrainingConfig, build_victim_model
+from sep_hf.publish.cards import add_victim_to_dataset_card, protected_dataset_card
+from sep_hf.victim.trainer import ACCURACY_METRIC, VictimCollator, VictimTrainingConfig, build_victim_model
 
 
 def test_accuracy_metric_loads_offline_and_computes():
@@ -88,8 +88,8 @@ def test_sample_grid_shows_clean_protected_and_the_amplified_perturbation():
     import numpy as np
     from PIL import Image
 
-    from sep_hf.cards import sample_grid_png
-    from sep_hf.data import quantize
+    from sep_hf.publish.cards import sample_grid_png
+    from sep_hf.data.images import quantize
 
     generator = torch.Generator().manual_seed(0)
     clean = torch.randint(8, 248, (3, 3, 4, 5), generator=generator).float() / 255

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from sep_hf.registry import Registry
+from sep_hf.utils.registry import Registry
 
 __all__ = ["register_defense", "get_defense", "list_defenses", "defense_arguments", "build_defense", "DEFENSES"]
 

@@ -1,4 +1,4 @@
-"""The defense contract: hooks that ``sep_hf.victims`` calls at fixed points of one Trainer loop.
+"""The defense contract: hooks that ``sep_hf.victim.trainer`` calls at fixed points of one Trainer loop.
 
 - ``prepare_training_images(images)``: once before training, on the uint8 TRAINING images only
   (the evaluation split is never touched): JPEG recompression, grayscale, bit depth, blur.

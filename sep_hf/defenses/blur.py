@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sep_hf.defenses import register_defense
 from sep_hf.defenses.base import Defense
-from sep_hf.transforms import gaussian_blur
+from sep_hf.squeezes import gaussian_blur
 
 __all__ = ["BlurArguments", "Blur"]
 

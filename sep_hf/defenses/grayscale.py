@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sep_hf.defenses import register_defense
 from sep_hf.defenses.base import Defense
-from sep_hf.transforms import LUMA_WEIGHTS, grayscale
+from sep_hf.squeezes import LUMA_WEIGHTS, grayscale
 
 __all__ = ["Grayscale"]
 

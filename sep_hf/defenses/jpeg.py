@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sep_hf.defenses import register_defense
 from sep_hf.defenses.base import Defense
-from sep_hf.transforms import jpeg
+from sep_hf.squeezes import jpeg
 
 __all__ = ["JPEGArguments", "JPEGRecompression"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from sep_hf.checkpoints import list_checkpoints
+from sep_hf.source.checkpoints import list_checkpoints
 from sep_hf.models import ImageClassifier, model_from_config
 
 __all__ = ["export_timm_backbone", "export_source_checkpoint"]

@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from sep_hf.io import atomic_write  # plain Python: the server stays free of torch and the HF clients
+from sep_hf.utils.io import atomic_write
 
 # Extensions the real Hub's default .gitattributes routes to LFS (subset that matters here).
 LFS_EXTENSIONS = frozenset(

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sep_hf import hub
-from sep_hf.data import DataArguments, load_training_data, public_name, resolve_dataset_name
-from sep_hf.io import write_json
+from sep_hf.publish import hub
+from sep_hf.data.view import DataArguments, load_training_data
+from sep_hf.data.load import public_name, resolve_dataset_name
+from sep_hf.utils.io import write_json
 from sep_hf.models import hub_model_id, public_model_name
-from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
-from sep_hf.presets import apply_preset
+from sep_hf.arguments import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
+from sep_hf.utils.presets import apply_preset
 
 __all__ = ["VictimArguments", "run_victim", "mix_clean_rows"]
 
@@ -63,8 +64,8 @@ def _dataset_card_row(results: dict) -> dict:
 def _update_dataset_card(dataset: str, row: dict) -> None:
     from huggingface_hub import DatasetCard
 
-    from sep_hf.cards import add_victim_to_dataset_card
-    from sep_hf.data import resolve_dataset_name
+    from sep_hf.publish.cards import add_victim_to_dataset_card
+    from sep_hf.data.load import resolve_dataset_name
 
     dataset_id = resolve_dataset_name(dataset)
     local = Path(dataset_id)
@@ -84,10 +85,10 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
     """
     from accelerate import PartialState
 
-    from sep_hf.cards import accuracy_curve_png, victim_model_card
+    from sep_hf.publish.cards import accuracy_curve_png, victim_model_card
     from sep_hf.defenses import build_defense
-    from sep_hf.runtime import resolve_mixed_precision
-    from sep_hf.victims import train_victim
+    from sep_hf.utils.runtime import resolve_mixed_precision
+    from sep_hf.victim.trainer import train_victim
 
     apply_preset(run_args.preset, config, data_args)
     defense = build_defense(config.defense, defense_args)  # before any compute: flags of other defenses fail here

@@ -29,20 +29,21 @@ from pathlib import Path
 
 import torch
 
-from sep_hf import hub
-from sep_hf.cards import keep_owner_card, protected_dataset_card, sample_grid_png
-from sep_hf.data import DataArguments, DatasetError, ImageDataset, ImageRows, TrainingData, colour_mode, \
-    decode_batch, embed_image_bytes, evaluation_split, first_rows, held_out_rows, model_size, model_view, public_name, \
-    scan_split, uint8_to_float, undecoded, union_mode, write_hub_layout
-from sep_hf.ensemble import CheckpointEnsemble
-from sep_hf.io import write_json
-from sep_hf.jobs.common import RESULTS_FILE, HubArguments, RunArguments
-from sep_hf.jobs.source import run_source_training
-from sep_hf.presets import apply_preset
-from sep_hf.protections import check_method_flags, get_protection, list_protections
-from sep_hf.protections.base import load_shards, protect_split, split_summary
-from sep_hf.runtime import resolve_mixed_precision
-from sep_hf.training import SourceTrainingConfig
+from sep_hf.publish import hub
+from sep_hf.publish.cards import keep_owner_card, protected_dataset_card, sample_grid_png
+from sep_hf.data.view import DataArguments, ImageRows, TrainingData, colour_mode, evaluation_split, first_rows, held_out_rows, model_size, model_view, scan_split
+from sep_hf.data.load import DatasetError, ImageDataset, public_name
+from sep_hf.data.images import decode_batch, uint8_to_float, undecoded, union_mode
+from sep_hf.publish.folder import embed_image_bytes, write_hub_layout
+from sep_hf.protect.ensemble import CheckpointEnsemble
+from sep_hf.utils.io import write_json
+from sep_hf.arguments import RESULTS_FILE, HubArguments, RunArguments
+from sep_hf.source.job import run_source_training
+from sep_hf.utils.presets import apply_preset
+from sep_hf.protect import check_method_flags, get_protection, list_protections
+from sep_hf.protect.base import load_shards, protect_split, split_summary
+from sep_hf.utils.runtime import resolve_mixed_precision
+from sep_hf.source.recipe import SourceTrainingConfig
 
 __all__ = ["ProtectArguments", "ProtectionContext", "run_protection", "budget_text", "GRID_FILE", "DATASET_DIR"]
 
@@ -298,7 +299,7 @@ def run_protection(
 ) -> dict | None:
     """Protect a dataset and publish it; returns results.json's content on the main process.
 
-    ``method_args`` are the parsed method flag dataclasses (``sep_hf.protections.protection_arguments``).
+    ``method_args`` are the parsed method flag dataclasses (``sep_hf.protect.protection_arguments``).
     """
     apply_preset(run_args.preset, data_args, source_config)
     output_dir = Path(run_args.output_dir)

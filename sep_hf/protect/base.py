@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from sep_hf.data import decode_batch, decode_image, quantize, split_alpha, tensor_to_png_images, uint8_to_float, union_mode
+from sep_hf.data.images import decode_batch, decode_image, quantize, split_alpha, tensor_to_png_images, uint8_to_float, union_mode
 
 __all__ = ["ProtectionTransform", "perturbation_stats", "protect_split", "load_shards", "split_summary",
            "budget_clamp", "config_hash", "STATS_FEATURES", "SEP_PAPER"]
@@ -96,7 +96,7 @@ class ProtectionTransform:
 
     @classmethod
     def from_arguments(cls, context) -> "ProtectionTransform":
-        """Build the transform for a protect.py run from a ``sep_hf.jobs.protect.ProtectionContext``."""
+        """Build the transform for a protect.py run from a ``sep_hf.protect.job.ProtectionContext``."""
         raise NotImplementedError
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,15 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from sep_hf import hub
-from sep_hf.cards import source_model_card, training_curve_png
-from sep_hf.checkpoints import CHECKPOINTS_DIR, RECORD_FILE, Checkpoint, CheckpointError, list_checkpoints
-from sep_hf.data import DataArguments, TrainingData, load_training_data
-from sep_hf.io import write_json
-from sep_hf.jobs.common import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
-from sep_hf.presets import apply_preset
-from sep_hf.training import SourceTrainingConfig, train_source
+from sep_hf.publish import hub
+from sep_hf.publish.cards import source_model_card, training_curve_png
+from sep_hf.source.checkpoints import CHECKPOINTS_DIR, RECORD_FILE, Checkpoint, CheckpointError, list_checkpoints
+from sep_hf.data.view import DataArguments, TrainingData, load_training_data
+from sep_hf.utils.io import write_json
+from sep_hf.arguments import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
+from sep_hf.utils.presets import apply_preset
+from sep_hf.source.recipe import SourceTrainingConfig
+from sep_hf.source.train import train_source
 
 __all__ = ["find_resume_checkpoint", "run_source_training"]
 

@@ -3,7 +3,7 @@
 A protection that crafts *through* an appropriator's squeezes evaluates its loss on a random view
 T(x') instead of x' (Athalye et al., "Synthesizing Robust Adversarial Examples", ICML 2018,
 https://arxiv.org/abs/1707.07397). The views are the differentiable versions of the defenses'
-squeezes in ``sep_hf.transforms``, with the defenses' parameters drawn from a range around their
+squeezes in ``sep_hf.squeezes``, with the defenses' parameters drawn from a range around their
 defaults.
 
 Every random draw is a pure function of an int64 key per example (``draw_keys``: seed, global
@@ -17,59 +17,14 @@ pixel blocks (JPEG and blur remove high frequencies) and/or shared by the three 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from sep_hf import transforms
+from sep_hf import squeezes
+from sep_hf.seeding import draw_keys, key_choice, key_normal_like, key_uniform
 
-__all__ = ["VIEWS", "draw_keys", "apply_views", "lowpass_direction", "parse_views"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _as_int64(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN, _MIX1, _MIX2 = (_as_int64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 on int64 tensors (wrapping arithmetic; logical shifts emulated with masks)."""
-    x = x + _GOLDEN
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-def draw_keys(indices: torch.Tensor, seed: int, *path: int) -> torch.Tensor:
-    """One int64 key per example from (seed, global index, *path), e.g. path = (step, checkpoint, sample)."""
-    key = splitmix64(torch.full_like(indices.long(), seed) * 1_000_003 + indices.long())
-    for part in path:
-        key = splitmix64(key * 31 + part)
-    return key
-
-
-def _uniform(keys: torch.Tensor, salt: int) -> torch.Tensor:
-    """A float in [0, 1) per key (53 random bits would be overkill: 31 are plenty here)."""
-    return ((splitmix64(keys * 7 + salt) >> 33) & ((1 << 31) - 1)).double().div(2**31).float()
-
-
-def _choice(keys: torch.Tensor, salt: int, options: int) -> torch.Tensor:
-    return ((splitmix64(keys * 7 + salt) >> 1) % options).long()
-
-
-def _normal_like(x: torch.Tensor, keys: torch.Tensor, salt: int) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` (N, ...), a function of each example's key (Box-Muller)."""
-    per_example = x[0].numel()
-    counter = torch.arange(per_example, device=x.device).view(1, -1)
-    u1 = _uniform(keys.view(-1, 1) * per_example + counter, salt).clamp_min(1e-7)
-    u2 = _uniform(keys.view(-1, 1) * per_example + counter, salt + 1)
-    normal = (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
-    return normal.view_as(x).to(x.dtype)
+__all__ = ["VIEWS", "apply_views", "lowpass_direction", "parse_views"]
 
 
 def _grouped(x: torch.Tensor, groups: torch.Tensor, options, function) -> torch.Tensor:
@@ -90,33 +45,33 @@ NOISE_STD_MAX = 0.2
 
 
 def _jpeg(x, keys):
-    return _grouped(x, _choice(keys, 11, len(JPEG_QUALITIES)), JPEG_QUALITIES, transforms.jpeg)
+    return _grouped(x, key_choice(keys, 11, len(JPEG_QUALITIES)), JPEG_QUALITIES, squeezes.jpeg)
 
 
 def _grayscale(x, keys):
-    return transforms.grayscale(x)
+    return squeezes.grayscale(x)
 
 
 def _blur(x, keys):
-    return _grouped(x, _choice(keys, 13, len(BLUR_SIGMAS)), BLUR_SIGMAS, transforms.gaussian_blur)
+    return _grouped(x, key_choice(keys, 13, len(BLUR_SIGMAS)), BLUR_SIGMAS, squeezes.gaussian_blur)
 
 
 def _bitdepth(x, keys):
-    return _grouped(x, _choice(keys, 17, len(BIT_DEPTHS)), BIT_DEPTHS, transforms.bit_depth)
+    return _grouped(x, key_choice(keys, 17, len(BIT_DEPTHS)), BIT_DEPTHS, squeezes.bit_depth)
 
 
 def _noise(x, keys):
-    std = (_uniform(keys, 19) * NOISE_STD_MAX).view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
-    return x + std * _normal_like(x, keys, 23)
+    std = (key_uniform(keys, 19) * NOISE_STD_MAX).view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+    return x + std * key_normal_like(x, keys, 23)
 
 
 def _augment(x, keys):
     """The victims' own augmentation: random crop (4-pixel reflect padding) and horizontal flip."""
-    flip = _choice(keys, 29, 2).bool()
+    flip = key_choice(keys, 29, 2).bool()
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     height, width = x.shape[-2:]
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    offsets = _choice(keys, 31, 81)  # 9 x 9 crop positions
+    offsets = key_choice(keys, 31, 81)  # 9 x 9 crop positions
     return torch.stack([padded[i, :, dy:dy + height, dx:dx + width]
                         for i, (dy, dx) in enumerate(zip((offsets // 9).tolist(), (offsets % 9).tolist()))])
 
@@ -146,7 +101,7 @@ def apply_views(x: torch.Tensor, keys: torch.Tensor, names: tuple[str, ...]) -> 
     if not names:
         return x
     options = ("none", *names)
-    picks = _choice(keys, 3, len(options))
+    picks = key_choice(keys, 3, len(options))
     out = torch.empty_like(x)
     for index, name in enumerate(options):
         rows = (picks == index).nonzero().squeeze(1)

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from sep_hf.data import TrainingData
+from sep_hf.data.view import TrainingData
 from sep_hf.defenses import get_defense, list_defenses
 from sep_hf.defenses.base import Defense
 from sep_hf.models import check_model_name, load_pretrained_backbone, timm_model_args
-from sep_hf.training import TrainingRecipe, augment_crop_flip, channel_stats, parameter_groups
+from sep_hf.source.recipe import TrainingRecipe, parameter_groups
+from sep_hf.source.augment import augment_crop_flip, channel_stats
 
 __all__ = [
     "VictimTrainingConfig",

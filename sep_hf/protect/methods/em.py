@@ -47,13 +47,14 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.attacks import input_gradient, pgd, uniform_start
-from sep_hf.data import quantize, uint8_to_float
-from sep_hf.ensemble import tensor_hash
-from sep_hf.io import atomic_write
+from sep_hf.data.images import quantize, uint8_to_float
+from sep_hf.protect.ensemble import tensor_hash
+from sep_hf.utils.io import atomic_write
 from sep_hf.models import build_model
-from sep_hf.protections import register_protection
-from sep_hf.protections.base import ProtectionTransform, budget_clamp, config_hash
-from sep_hf.training import _seeded, augment_crop_flip, channel_stats
+from sep_hf.protect import register_protection
+from sep_hf.protect.base import ProtectionTransform, budget_clamp, config_hash
+from sep_hf.seeding import seeded_generator
+from sep_hf.source.augment import augment_crop_flip, channel_stats
 
 __all__ = ["EMConfig", "EMArguments", "EMTransform", "NoiseFit", "fit_error_minimizing_noise", "robust_loss"]
 
@@ -240,7 +241,7 @@ class _Fitter:
         self.model = _source_model(images, config, num_classes, self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.delta = uniform_start(self.x, config.eps, _seeded(config.seed, _INIT)) - self.x
+        self.delta = uniform_start(self.x, config.eps, seeded_generator(config.seed, _INIT)) - self.x
         self.batch_size = min(config.batch_size, len(self.x))
         self.iteration, self.phase, self.chunk, self.done = 0, "train", 0, False
         self.accuracy, self.history, self.seconds = None, [], 0.0
@@ -265,7 +266,7 @@ class _Fitter:
         per_epoch = len(self.x) // self.batch_size
         epoch, position = divmod(self.iteration, per_epoch)
         if self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(len(self.x), generator=_seeded(self.config.seed, _ORDER, epoch)))
+            self._order = (epoch, torch.randperm(len(self.x), generator=seeded_generator(self.config.seed, _ORDER, epoch)))
         return self._order[1][position * self.batch_size : (position + 1) * self.batch_size].to(self.device)
 
     def _minimize(self, x, y, delta, generator) -> torch.Tensor:
@@ -282,7 +283,7 @@ class _Fitter:
     def train_iteration(self) -> float:
         config, index = self.config, self._batch()
         x, y = self.x[index], self.y[index]
-        generator = _seeded(config.seed, _TRAIN, self.iteration)
+        generator = seeded_generator(config.seed, _TRAIN, self.iteration)
         if config.robust:  # REM: the batch's noise first, then adversarial training on it
             self.delta[index] = self._minimize(x, y, self.delta[index], generator)
             z = augment_crop_flip(x + self.delta[index], config.crop_padding, True, generator)
@@ -308,7 +309,7 @@ class _Fitter:
         config = self.config
         index = torch.arange(self.chunk * config.chunk_size, min((self.chunk + 1) * config.chunk_size, len(self.x)),
                              device=self.device)
-        generator = _seeded(config.seed, _PASS, self.iteration, self.chunk)
+        generator = seeded_generator(config.seed, _PASS, self.iteration, self.chunk)
         self.delta[index] = self._minimize(self.x[index], self.y[index], self.delta[index], generator)
         self.chunk += 1
 

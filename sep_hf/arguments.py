@@ -73,7 +73,7 @@ def run_main(main) -> None:
     """
     import os
 
-    from sep_hf.hub import HubError
+    from sep_hf.publish.hub import HubError
 
     try:
         main()

@@ -10,12 +10,11 @@ the blurred image towards another class's features within eps of it.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from typing import Callable
 
 import torch
 
-from sep_hf.protections import PROTECTIONS
-from sep_hf.protections.base import ProtectionTransform, config_hash
+from sep_hf.protect.base import ProtectionTransform, config_hash
 
 __all__ = ["ComposedProtection", "composed"]
 
@@ -24,6 +23,7 @@ class ComposedProtection(ProtectionTransform):
     """The parts applied in order; ``parts`` are built transforms, ``names`` their method names."""
 
     part_names: tuple[str, ...] = ()
+    part_classes: tuple[type[ProtectionTransform], ...] = ()
 
     def __init__(self, parts: list[ProtectionTransform], image_column: str, label_column: str,
                  return_stats: bool = False):
@@ -37,11 +37,11 @@ class ComposedProtection(ProtectionTransform):
 
     @classmethod
     def argument_classes(cls) -> set[type]:
-        return set().union(*(PROTECTIONS.get(part).argument_classes() for part in cls.part_names))
+        return set().union(*(part.argument_classes() for part in cls.part_classes))
 
     @classmethod
     def from_arguments(cls, context, name: str) -> "ComposedProtection":
-        parts = [PROTECTIONS.get(part).from_arguments(context, part) for part in cls.part_names]
+        parts = [part.from_arguments(context, name) for part, name in zip(cls.part_classes, cls.part_names)]
         return cls(parts, context.columns.image, context.columns.label, return_stats=True)
 
     def protect(self, images, labels, indices):
@@ -74,15 +74,18 @@ class ComposedProtection(ProtectionTransform):
         return lines + [f"  {line}" for part in self.parts for line in part.card_lines(results)]
 
 
-@lru_cache(maxsize=None)
-def composed(name: str) -> type[ComposedProtection]:
-    """The composition class for ``a+b[+c...]``, every part a registered method."""
+def composed(name: str, lookup: Callable[[str], type[ProtectionTransform]]) -> type[ComposedProtection]:
+    """The composition class for ``a+b[+c...]``, every part a method that ``lookup`` (the registry) knows.
+
+    Raises ValueError for an empty part, a single name, or (through ``lookup``) an unknown method.
+    """
     names = tuple(part.strip() for part in name.split("+"))
     if len(names) < 2 or not all(names):
         raise ValueError(f"A composition is written 'a+b' with registered methods; got '{name}'.")
-    parts = [PROTECTIONS.get(part) for part in names]  # raises, listing the methods, on an unknown part
+    parts = [lookup(part) for part in names]  # raises, listing the methods, on an unknown part
     attributes = {
         "part_names": names,
+        "part_classes": tuple(parts),
         "protects_all_splits": all(part.protects_all_splits for part in parts),
         "extra_stat_features": {k: v for part in parts for k, v in part.extra_stat_features.items()},
         "needs_other_class": any(getattr(part, "needs_other_class", False) for part in parts),

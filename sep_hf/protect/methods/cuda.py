@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sep_hf.data import quantize
-from sep_hf.eot import splitmix64
-from sep_hf.protections import register_protection
-from sep_hf.protections.base import ProtectionTransform, config_hash
+from sep_hf.data.images import quantize
+from sep_hf.seeding import splitmix64
+from sep_hf.protect import register_protection
+from sep_hf.protect.base import ProtectionTransform, config_hash
 
 __all__ = ["CUDAConfig", "CUDAArguments", "CUDATransform", "cuda_filters", "apply_cuda", "cuda_selected",
            "key_fingerprint", "resolve_cuda_key", "KEY_ENV"]

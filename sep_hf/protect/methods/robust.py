@@ -6,7 +6,7 @@ JPEG-10). ``sep-robust`` runs the same self-ensemble crafting (``--robust_base``
 ``--steps --step_size --num_models --checkpoints``) with two changes, each a flag:
 
 * expectation over transformations (``--craft_transforms``, ``--eot_samples``): every checkpoint's
-  loss is taken on a random differentiable view of the image (``sep_hf.eot.VIEWS``: JPEG at
+  loss is taken on a random differentiable view of the image (``sep_hf.protect.eot.VIEWS``: JPEG at
   quality 10-50, grayscale, blur, bit depth, RSE-like noise, crop/flip), drawn per example from
   its global index, so the output does not depend on batches or processes;
 * a perturbation space the squeezes keep (``--perturbation_block``, ``--shared_channels``): the
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sep_hf.eot import parse_views
-from sep_hf.protections import register_protection
-from sep_hf.protections.sep import METHODS, SEPConfig, SEPTransform, classwise_levels
+from sep_hf.protect.eot import parse_views
+from sep_hf.protect import register_protection
+from sep_hf.protect.methods.sep import METHODS, SEPConfig, SEPTransform, classwise_levels
 
 __all__ = ["RobustArguments", "SEPRobustTransform", "VIEW_DEFENSES"]
 

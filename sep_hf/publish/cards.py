@@ -140,7 +140,7 @@ def sample_grid_png(clean: torch.Tensor, protected: torch.Tensor, eps: float, sc
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from sep_hf.data import quantize
+    from sep_hf.data.images import quantize
 
     amplified = (0.5 + (protected - clean) / (2 * eps)).clamp(0, 1)
     tiles = torch.cat([clean, protected, amplified]).repeat_interleave(scale, 2).repeat_interleave(scale, 3)

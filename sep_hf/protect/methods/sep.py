@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.attacks import pgd, sign_step
-from sep_hf.eot import apply_views, draw_keys, lowpass_direction, parse_views, splitmix64
-from sep_hf.data import public_name
-from sep_hf.ensemble import CheckpointEnsemble, tensor_hash
+from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
+from sep_hf.seeding import draw_keys, splitmix64
+from sep_hf.data.load import public_name
+from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
 from sep_hf.models import RaggedResize, resize_to_model
-from sep_hf.protections import register_protection
-from sep_hf.protections.base import SEP_PAPER, ProtectionTransform, budget_clamp, config_hash
+from sep_hf.protect import register_protection
+from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, budget_clamp, config_hash
 
-__all__ = ["SEPConfig", "SEPArguments", "SEPTransform", "craft_sep", "vr_picks", "target_classes", "present_targets",
-           "splitmix64"]
+__all__ = ["SEPConfig", "SEPArguments", "SEPTransform", "craft_sep", "vr_picks", "target_classes", "present_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class SEPConfig:
     seed: int = field(default=0, metadata={"help": "Seed of VR's checkpoint picks (with each example's index)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast (CUDA, AMX CPUs)."})
     # Robustness (sep-robust): craft through random differentiable squeezes, in a space they keep.
-    craft_transforms: tuple[str, ...] = field(default=(), metadata={"help": "Views of sep_hf.eot.VIEWS the loss is averaged over."})
+    craft_transforms: tuple[str, ...] = field(default=(), metadata={"help": "Views of sep_hf.protect.eot.VIEWS the loss is averaged over."})
     eot_samples: int = field(default=1, metadata={"help": "View draws per checkpoint gradient."})
     perturbation_block: int = field(default=1, metadata={"help": "Perturbation constant over BxB pixel blocks."})
     shared_channels: bool = field(default=False, metadata={"help": "One perturbation for all colour channels (luma only)."})

@@ -19,11 +19,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from sep_hf.checkpoints import CHECKPOINTS_DIR, MODEL_FILE, RECORD_FILE, Checkpoint, CheckpointError, evenly_spaced, \
-    list_checkpoints
-from sep_hf.io import atomic_write
+from sep_hf.source.checkpoints import CHECKPOINTS_DIR, MODEL_FILE, RECORD_FILE, Checkpoint, CheckpointError, evenly_spaced, list_checkpoints
+from sep_hf.utils.io import atomic_write
 from sep_hf.models import ImageClassifier, model_from_config
-from sep_hf.runtime import autocast
+from sep_hf.utils.runtime import autocast
 
 __all__ = ["CheckpointEnsemble", "tensor_hash"]
 
@@ -114,7 +113,7 @@ class CheckpointEnsemble(nn.Module):
             chosen = evenly_spaced(available, num_models)
             return cls.from_checkpoints(chosen, device=device, mode=mode, source=str(path.resolve()))
 
-        from sep_hf import hub
+        from sep_hf.publish import hub
 
         repo_id = str(repo_id_or_dir)
         if repo_id.startswith(("/", "./", "../", "~")) or repo_id.count("/") != 1:  # cannot be a Hub id

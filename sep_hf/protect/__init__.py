@@ -1,6 +1,11 @@
-"""Protections (SEP and the methods it is measured against): one module each, registered by decorator.
+"""Stage 3 of 4, protect: craft the protection of every image and publish the protected dataset.
 
-Adding a method is one file, ``sep_hf/protections/x.py``::
+``ensemble.py`` loads the self-ensemble (K checkpoints), ``base.py`` is the contract of a protection
+and its ``Dataset.map`` adapter, ``eot.py`` the differentiable views of an appropriator's squeezes,
+``compose.py`` ``--method a+b``, ``job.py`` the ``protect`` job; ``methods/`` holds the registered
+protections (SEP and the methods it is measured against), one module each, registered by decorator.
+
+Adding a method is one file, ``sep_hf/protect/methods/x.py``::
 
     @register_protection("x")
     class XTransform(ProtectionTransform):
@@ -16,22 +21,30 @@ and ``--method x`` appears in ``recipes/protect.py --help``, on the card and in 
 
 from __future__ import annotations
 
-from sep_hf.registry import Registry
+from dataclasses import fields
+from functools import lru_cache
+
+from sep_hf.protect.compose import composed
+from sep_hf.utils.registry import Registry
 
 __all__ = ["register_protection", "get_protection", "list_protections", "protection_arguments", "check_method_flags",
            "PROTECTIONS"]
 
-PROTECTIONS = Registry("protection", __name__, "--method")
+PROTECTIONS = Registry("protection", "sep_hf.protect.methods", "--method")
 register_protection = PROTECTIONS.register
 
 
 def get_protection(name: str) -> type:
-    """The transform class of ``name``; ``a+b`` is the composition of ``a`` then ``b``."""
-    if "+" in name:
-        from sep_hf.protections.compose import composed
+    """The transform class of ``name``; ``a+b`` is the composition of ``a`` then ``b``.
 
-        return composed(name)
-    return PROTECTIONS.get(name)
+    Raises ValueError naming the registered methods for an unknown name.
+    """
+    return _composition(name) if "+" in name else PROTECTIONS.get(name)
+
+
+@lru_cache(maxsize=None)
+def _composition(name: str) -> type:
+    return composed(name, PROTECTIONS.get)  # one class per name: its fingerprint and describe() stay stable
 
 
 def list_protections() -> list[str]:
@@ -49,8 +62,6 @@ def check_method_flags(method: str, parsed: list | tuple) -> None:
 
     Raises ValueError naming the flag and the methods it belongs to.
     """
-    from dataclasses import fields
-
     used = get_protection(method).argument_classes()
     for item in parsed:
         cls = type(item)
