@@ -22,36 +22,9 @@ Writes OUTPUT_DIR/results.json (eval_accuracy, per-epoch history, defense and de
 OUTPUT_DIR/model (weights, image processor, card whose model-index holds the accuracy).
 """
 
-from transformers import HfArgumentParser
+import sys
 
-from sep_hf.publish.cards import defense_label
-from sep_hf.data.view import DataArguments
-from sep_hf.defenses import defense_arguments
-from sep_hf.arguments import HubArguments, RunArguments, parse_recipe_args, setup_logging, run_main
-from sep_hf.victim.job import VictimArguments, run_victim
-from sep_hf.utils.launch import prepare_launch
-from sep_hf.victim.trainer import VictimTrainingConfig
-
-
-def make_parser() -> HfArgumentParser:
-    # Every registered defense contributes its own flag dataclass (--at_eps, --jpeg_quality, ...).
-    return HfArgumentParser((VictimTrainingConfig, DataArguments, RunArguments, HubArguments, VictimArguments,
-                             *defense_arguments()))
-
-
-def main():
-    prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/launch.py)
-    config, data_args, run_args, hub_args, victim_args, *defense_args = parse_recipe_args(make_parser())
-    run_args.output_dir = run_args.output_dir or "runs/victim"
-    setup_logging()
-
-    # Training (Trainer), evaluation on clean data, card, push
-    results = run_victim(config, data_args, run_args, hub_args, victim_args, defense_args)
-    if results is not None:
-        print(f"{results['model']} trained on {results['dataset']} ({results['num_train']} images, defense "
-              f"{defense_label(results['defense'], results['defense_settings'])}): clean test accuracy "
-              f"{results['eval_accuracy']:.4f}")
-
+from sep_hf.cli import run_main, train_victim
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(train_victim, sys.argv[1:])  # the same as `sep-hf train-victim` (sep_hf/cli.py)

@@ -8,6 +8,8 @@ built with one-channel statistics and gets a one-channel stem (timm's ``in_chans
 
 from __future__ import annotations
 
+import difflib
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +17,9 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
 from timm.models import build_model_with_cfg, register_model
+from transformers import TimmWrapperForImageClassification
 
 __all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "resize_matrix", "RaggedResize", "build_model", "list_cifar_models", "timm_model_args", "check_model_name",
            "pretrained_weights_name", "public_model_name", "hub_model_id", "pretrained_config",
@@ -246,7 +250,6 @@ def check_model_name(name: str) -> None:
     """Raise a ValueError for a name timm does not know, suggesting close matches."""
     if timm.is_model(name):
         return
-    import difflib
 
     known = timm.list_models()
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) or timm.list_models(f"*{name.split('_')[0]}*")[:3]
@@ -400,13 +403,11 @@ def load_pretrained_backbone(model: str, num_classes: int = 0, **kwargs) -> nn.M
 
 def _hub_config(model: str) -> dict:
     """config.json of an ``hf-hub:`` / ``local-dir:`` model ({} for a timm tag)."""
-    import json
 
     source, _, identifier = model.partition(":") if model.startswith(PRETRAINED_SOURCES) else ("", "", model)
     if source == "local-dir":
         return json.loads((Path(identifier) / "config.json").read_text())
     if source == "hf-hub":
-        from huggingface_hub import hf_hub_download
 
         repo_id, _, revision = identifier.partition("@")
         return json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision or None)).read_text())
@@ -416,7 +417,6 @@ def _hub_config(model: str) -> dict:
 def _timm_from_transformers(model: str, config: dict, num_classes: int) -> nn.Module:
     """The timm model inside a transformers ``TimmWrapperForImageClassification`` repo (a victim pushed by
     sep-hf, or any Trainer fine-tune of a timm model), with its preprocessing as ``pretrained_cfg``."""
-    from transformers import TimmWrapperForImageClassification
 
     repo = model.partition(":")[2]
     repo, _, revision = repo.partition("@") if model.startswith("hf-hub:") else (repo, "", "")

@@ -15,8 +15,8 @@ Two kinds, both reproducible for any batch split and any number of processes:
 from __future__ import annotations
 
 import math
-import torch
 
+import torch
 
 _MASK64 = (1 << 64) - 1
 

@@ -6,20 +6,21 @@ trains on) and, where a differentiable version exists, on float pixels in [0, 1]
 | squeeze | uint8 (exact) | float, differentiable |
 |---|---|---|
 | ``jpeg`` | PIL's libjpeg, 4:2:0 (ISS's setting) | YCbCr, 4:2:0, 8x8 DCT, straight-through quantization |
-| ``grayscale`` | ITU-R 601-2 luma, rounded | the same weights, no rounding |
+| ``grayscale`` | ITU-R 601-2 luma exactly as PIL's ``convert("L")`` (``luma``) | the same weights, no rounding |
 | ``bit_depth`` | keep the top ``bits`` bits | straight-through rounding |
 | ``gaussian_blur`` | rounded | the same convolution |
-| ``gaussian_noise`` | - | x + std * N(0, 1) |
 """
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-__all__ = ["jpeg", "grayscale", "bit_depth", "gaussian_blur", "gaussian_noise", "LUMA_WEIGHTS"]
+__all__ = ["jpeg", "grayscale", "luma", "bit_depth", "gaussian_blur", "LUMA_WEIGHTS"]
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 _CHUNK = 4096  # images per batched op in the one-off transforms: bounded memory at any size
@@ -42,8 +43,6 @@ def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     uint8: PIL's libjpeg, one image per call (a defense runs it once per training image, before
     training). float in [0, 1]: the differentiable approximation (``_jpeg_float``) for crafting.
     """
-    import numpy as np
-    from PIL import Image
 
     channels = images.shape[1]
     if channels not in (1, 3):
@@ -67,24 +66,28 @@ def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     return _chunked(images, code)
 
 
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """RGB -> luma repeated on 3 channels (the model's input shape is kept); uint8 rounds, float is exact.
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (N, 3, H, W) -> uint8 L (N, 1, H, W) exactly as PIL's ``convert("L")``: ITU-R 601-2
+    weights in 16-bit fixed point, rounded. The one grayscale formula of the package: the data path
+    (an RGB dataset published as L) and the grayscale defense both use it."""
+    r, g, b = rgb.int().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(1)
 
-    One-channel (L) images are grey already and come back unchanged.
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """RGB -> luma repeated on 3 channels (the model's input shape is kept); uint8 as PIL, float exact.
+
+    One-channel (L) images are grey already and come back unchanged. Raises ValueError for other
+    channel counts.
     """
     if images.shape[1] == 1:
         return images.clone() if images.dtype == torch.uint8 else images
     if images.shape[1] != 3:
         raise ValueError(f"Grayscale expects RGB (3 channels) or L (1 channel) images, got {images.shape[1]}.")
-    weights = torch.tensor(LUMA_WEIGHTS, device=images.device).view(1, 3, 1, 1)
-    if images.dtype != torch.uint8:
-        return (images * weights.to(images.dtype)).sum(1, keepdim=True).expand(-1, 3, -1, -1)
-
-    def luma(chunk: torch.Tensor) -> torch.Tensor:
-        gray = (chunk.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255)
-        return gray.to(torch.uint8).expand(-1, 3, -1, -1)
-
-    return _chunked(images, luma)
+    if images.dtype == torch.uint8:
+        return _chunked(images, lambda chunk: luma(chunk).expand(-1, 3, -1, -1))
+    weights = torch.tensor(LUMA_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images * weights).sum(1, keepdim=True).expand(-1, 3, -1, -1)
 
 
 def bit_depth(images: torch.Tensor, bits: int) -> torch.Tensor:
@@ -128,15 +131,6 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
         return x.round().clamp(0, 255).to(torch.uint8) if chunk.dtype == torch.uint8 else x
 
     return _chunked(images, blur) if images.dtype == torch.uint8 else blur(images)
-
-
-def gaussian_noise(images: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Float pixels plus N(0, std^2) noise (not clipped: RSE adds it inside the network)."""
-    if images.dtype == torch.uint8:
-        raise TypeError("gaussian_noise works on float pixels in [0, 1].")
-    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype) if generator is not None \
-        else torch.randn_like(images)
-    return images + std * noise
 
 
 # ----------------------------------------------------------------------------------------------

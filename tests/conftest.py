@@ -140,9 +140,12 @@ TINY_TRAIN, TINY_EVAL = 1000, 500
 @pytest.fixture(scope="session")
 def accelerator():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from sep_hf.utils.runtime import resolve_mixed_precision
 
+    # A Trainer built by an earlier test (victims) leaves its own state: the source loop needs a fresh one.
+    AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=True, mixed_precision=resolve_mixed_precision("auto", use_cpu=True))
 
 
@@ -221,3 +224,30 @@ def hub_repo_containing(repo_id: str, repo_type: str, needle: bytes, download_di
     names = api.list_repo_files(repo_id, repo_type=repo_type)
     assert names and all((Path(folder) / name).is_file() for name in names), f"{repo_id} was not fully downloaded"
     return found + [name for name in names if needle in (Path(folder) / name).read_bytes()]
+
+
+# --------------------------------------------------------------------------------------------
+# Test tiers: `pytest -m "not slow"` is the developer's tier (about a minute); CI runs everything.
+# A test is slow when it, or a fixture it uses, starts whole recipes or other processes: found from
+# the source here, so a new recipe test lands in the slow tier without anyone remembering to mark it.
+# --------------------------------------------------------------------------------------------
+_STARTS_PROCESSES = ("run_recipe(", "launch_command(", "run_protection(",
+                     "run_source_training(", "run_victim(", "train_victim(", "subprocess.run(")
+
+
+def _starts_processes(function) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in _STARTS_PROCESSES)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = [definition.func for definitions in item._fixtureinfo.name2fixturedefs.values()
+                    for definition in definitions if definition.baseid]  # the project's fixtures, not pytest's
+        if item.get_closest_marker("slow") is None and any(map(_starts_processes, [item.function, *fixtures])):
+            item.add_marker(pytest.mark.slow)

@@ -116,15 +116,10 @@ def test_key_sources_and_errors(tmp_path, monkeypatch, caplog):
 
 def test_mistyped_key_flag_is_never_echoed():
     """--cuda_key is parsed as a string by protect.py's own parser, so argparse cannot print a bad value."""
-    import importlib.util
+    from sep_hf.cli import protect_parser
 
-    from conftest import RECIPES
-
-    spec = importlib.util.spec_from_file_location("protect_recipe", RECIPES / "protect.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     typo = f"{KEY}o"  # a letter O for a zero: argparse's int type would echo it in "invalid int value"
-    parsed = recipe.make_parser().parse_args_into_dataclasses(["--method", "cuda", "--cuda_key", typo])
+    parsed = protect_parser().parse_args_into_dataclasses(["--method", "cuda", "--cuda_key", typo])
     (arguments,) = [item for item in parsed if isinstance(item, CUDAArguments)]
     assert arguments.cuda_key == typo
     with pytest.raises(ValueError, match="--cuda_key does not hold an integer CUDA key") as error:

@@ -70,6 +70,7 @@ def test_config_defaults_follow_the_papers():
     assert (config.steps, config.step_size, config.attack_eps, config.eot, config.seed) == (7, 2 / 255, 2 / 255, 3, 4)
 
 
+@pytest.mark.slow  # fits REM (an inner PGD per step): 15 s on 2 cores
 @pytest.mark.parametrize("name", ["em_fit", "rem_fit"])
 def test_budget_holds_for_every_pixel(request, tiny, name):
     fit = request.getfixturevalue(name)
@@ -94,6 +95,7 @@ def test_em_noise_lowers_the_source_models_loss(tiny, em_fit):
     assert protected_loss < 0.7 * clean_loss, f"loss on x + delta {protected_loss:.3f} vs on x {clean_loss:.3f}"
 
 
+@pytest.mark.slow  # fits REM (an inner PGD per step): 15 s on 2 cores
 def test_rem_noise_has_a_lower_loss_under_the_inner_attack_than_em_noise(tiny, em_fit, rem_fit):
     images, labels = tiny
     attack = EMConfig(method="rem", eot=4, attack_steps=5, crop_padding=2)  # the inner attack rho_a = 4/255

@@ -110,6 +110,7 @@ def _help(recipe: str, plugin_folder) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # runs every recipe's --help in a fresh interpreter
 def test_plugin_protection_and_defense_appear_in_help(plugin):
     protect_help = _help("protect.py", plugin)
     options = protect_help.split("options:", 1)[1]

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import io
 from typing import Iterable, Sequence
+
+import datasets
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from sep_hf.data.load import DatasetError, ImageColumns
 
+from sep_hf.data.load import DatasetError, ImageColumns
+from sep_hf.models import resize_to_model
+from sep_hf.squeezes import luma
 
 DECODE_BATCH = 1000
 
@@ -30,7 +34,6 @@ def _to_pil(image) -> PILImage.Image:
     if isinstance(image, PILImage.Image):
         return image
     if isinstance(image, (dict, str)):  # undecoded Image feature: {"bytes": ..., "path": ...} or a path
-        import datasets
 
         return datasets.Image().decode_example(image)
     if isinstance(image, np.ndarray):
@@ -98,12 +101,6 @@ def split_alpha(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     return images, None
 
 
-def _luma(rgb: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB -> L exactly as PIL's ``convert("L")`` (ITU-R 601-2 in 16-bit fixed point, rounded)."""
-    r, g, b = rgb.int().unbind(1)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(1)
-
-
 def convert_mode(images: torch.Tensor, mode: str) -> torch.Tensor:
     """uint8 (N, C, H, W) images in ``mode``, exactly as PIL converts them: L -> RGB repeats the grey
     level, RGB -> L is PIL's luma, a missing alpha is 255 (opaque) and an unwanted one is dropped."""
@@ -114,7 +111,7 @@ def convert_mode(images: torch.Tensor, mode: str) -> torch.Tensor:
     colour, alpha = split_alpha(images)
     wanted = 3 if mode.startswith("RGB") else 1
     if colour.shape[1] != wanted:
-        colour = colour.expand(-1, 3, -1, -1) if wanted == 3 else _luma(colour)
+        colour = colour.expand(-1, 3, -1, -1) if wanted == 3 else luma(colour)
     if not mode.endswith("A"):
         return colour.contiguous()
     if alpha is None:
@@ -243,7 +240,6 @@ def tensor_to_png_images(images: torch.Tensor, alpha: torch.Tensor | None = None
 
 def undecoded(split, columns: ImageColumns):
     """The split with its image column left encoded, so this module decodes (and names a bad row)."""
-    import datasets
 
     if isinstance(split.features[columns.image], datasets.Image) and split.features[columns.image].decode:
         return split.cast_column(columns.image, datasets.Image(decode=False))
@@ -263,7 +259,6 @@ def decode_batch(values: Sequence, mode: str, size: Sequence[int] | None = None,
     resolution (or at ``resize``, PIL bicubic, when the user asked to publish at one size).
     ``first_row``: the row of ``values[0]`` (errors name ``first_row + position``), or every value's row.
     """
-    from sep_hf.models import resize_to_model
 
     out = []
     for position, value in enumerate(values):

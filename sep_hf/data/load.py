@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+
+from sep_hf.publish.hub import dataset_commit_sha
 
 DATASET_ALIASES = {
     "cifar10": "uoft-cs/cifar10",
@@ -75,7 +78,6 @@ def public_name(dataset_id: str) -> str:
 
 
 def _load_raw(dataset_id: str, revision: str | None):
-    import datasets
 
     path = Path(dataset_id)
     try:
@@ -100,7 +102,6 @@ def _load_raw(dataset_id: str, revision: str | None):
 
 
 def _as_dataset_dict(raw):
-    import datasets
 
     if isinstance(raw, datasets.DatasetDict):
         return raw
@@ -111,7 +112,6 @@ def find_image_columns(
     features, dataset_name: str = "dataset", image_column: str | None = None, label_column: str | None = None
 ) -> ImageColumns:
     """Find the ``Image`` and ``ClassLabel`` columns from the features (or check the overrides)."""
-    import datasets
 
     def check(column: str, kind, what: str, flag: str) -> str:
         if column not in features:
@@ -182,7 +182,6 @@ def load_image_dataset(
             )
     sha = None
     if not os.path.isabs(dataset_id):
-        from sep_hf.publish.hub import dataset_commit_sha
 
         sha = dataset_commit_sha(dataset_id, revision)
     return ImageDataset(name=name, dataset_id=dataset_id, revision=sha, splits=splits, columns=columns)

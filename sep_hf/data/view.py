@@ -10,16 +10,28 @@ the training split and the evaluation split (test | validation | a held-out part
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
-from sep_hf.data.images import DECODE_BATCH, convert_mode, decode_batch, decode_image, image_mode, images_to_uint8, split_where, undecoded, union_mode
-from sep_hf.data.load import DatasetError, ImageColumns, ImageDataset, load_image_dataset, resolve_dataset_name
+from tqdm.auto import tqdm
 
-logger = logging.getLogger(__name__)
+from sep_hf.data.images import (
+    DECODE_BATCH,
+    convert_mode,
+    decode_batch,
+    decode_image,
+    image_mode,
+    images_to_uint8,
+    split_where,
+    undecoded,
+    union_mode,
+)
+from sep_hf.data.load import DatasetError, ImageColumns, ImageDataset, load_image_dataset, resolve_dataset_name
+from sep_hf.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = [
     "split_to_tensors",
@@ -68,7 +80,6 @@ def scan_split(split, columns: ImageColumns, max_samples: int | None = None, res
     a decompression bomb, not an image, an ambiguous 16-bit or float image) and for a label outside
     the ClassLabel's range (``-1``, unlabeled, is allowed here; a protection refuses it later).
     """
-    from tqdm.auto import tqdm
 
     num_rows = split.num_rows if max_samples is None else min(max_samples, split.num_rows)
     where = split_where(split)
@@ -106,7 +117,6 @@ def split_to_tensors(
     ``size=(H, W)`` with ``mode``: the model's view instead (``decode_batch``): colour channels of
     ``mode`` at that size, whatever each image's own size.
     """
-    from tqdm.auto import tqdm
 
     num_rows = split.num_rows if max_samples is None else min(max_samples, split.num_rows)
     if num_rows == 0:

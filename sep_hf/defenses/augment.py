@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torchvision.transforms import v2
 
 from sep_hf.defenses import register_defense
 from sep_hf.defenses.base import Defense
@@ -46,14 +47,12 @@ class StrongAugmentation(Defense):
 
     def __init__(self, arguments: AugmentArguments):
         super().__init__(arguments)
-        from torchvision.transforms import v2
 
         self.policy = {"trivial": v2.TrivialAugmentWide(), "randaugment": v2.RandAugment(magnitude=arguments.augment_magnitude),
                        "none": None}[arguments.augment_policy]
         self.mix = arguments.augment_mix
 
     def _mixer(self, num_classes: int):
-        from torchvision.transforms import v2
 
         alpha = self.settings.augment_mix_alpha
         choices = {"cutmix": [v2.CutMix(alpha=alpha, num_classes=num_classes)],

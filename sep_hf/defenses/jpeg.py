@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import PIL
+
 from sep_hf.defenses import register_defense
 from sep_hf.defenses.base import Defense
 from sep_hf.squeezes import jpeg
@@ -35,7 +37,6 @@ class JPEGRecompression(Defense):
         return jpeg(images, self.settings.jpeg_quality)
 
     def describe(self) -> dict:
-        import PIL
 
         return {"quality": self.settings.jpeg_quality, "chroma_subsampling": "4:2:0",
                 "encoder": f"PIL {PIL.__version__}", "applied_to": "training images, once before training"}

@@ -21,19 +21,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import datasets
 import torch
 
-from sep_hf.data.images import decode_batch, decode_image, quantize, split_alpha, tensor_to_png_images, uint8_to_float, union_mode
+from sep_hf.data.images import (
+    decode_batch,
+    decode_image,
+    quantize,
+    split_alpha,
+    tensor_to_png_images,
+    uint8_to_float,
+    union_mode,
+)
+from sep_hf.utils.logging import get_logger
 
 __all__ = ["ProtectionTransform", "perturbation_stats", "protect_split", "load_shards", "split_summary",
            "budget_clamp", "config_hash", "STATS_FEATURES", "SEP_PAPER"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATS_FEATURES = {"linf": "int32", "l2": "float32", "psnr": "float32"}
 SEP_PAPER = {"title": "Self-Ensemble Protection: Training Checkpoints Are Good Data Protectors",
@@ -114,7 +124,6 @@ class ProtectionTransform:
     def describe(self) -> dict:
         """Settings for results.json and the card: {"config": {...}, "eps": levels or None, ...}. No secrets."""
         config = getattr(self, "config", None)
-        from dataclasses import asdict, is_dataclass
 
         return {"config": asdict(config) if is_dataclass(config) else {},
                 "eps": round(self.eps * 255) if self.eps is not None else None, "paper": self.paper}
@@ -214,7 +223,6 @@ class ProtectionTransform:
         return self.bucketed_outputs(images, labels, indices)
 
     def output_features(self, features):
-        import datasets
 
         features = features.copy()
         if self.return_stats:
@@ -244,7 +252,6 @@ def protect_split(
     Process ``i`` of ``n`` crafts shards ``i, i+n, ...``; each finished shard is an Arrow file that
     ``map`` wrote atomically. Returns the shard paths in order (call ``load_shards`` once all are done).
     """
-    import datasets
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +287,6 @@ def _finished(path: Path) -> bool:
     """A shard file that exists and reads back; a truncated one (a crash while the OS flushed it) is redone."""
     if not path.exists():
         return False
-    import datasets
 
     try:
         datasets.Dataset.from_file(str(path))
@@ -292,7 +298,6 @@ def _finished(path: Path) -> bool:
 
 
 def load_shards(paths: list[Path]):
-    import datasets
 
     missing = [str(path) for path in paths if not Path(path).exists()]
     if missing:

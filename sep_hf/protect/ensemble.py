@@ -3,12 +3,10 @@
 Measured on 2 CPU cores (bench/README.md): running the K models one after another, each in
 channels_last under bf16 autocast, is 2.8x (small net) to 5.7x (ResNet-18) faster than
 ``torch.func.vmap`` over stacked weights, which turns every convolution into a grouped one.
-``mode="vmap"`` keeps that path for devices where it wins.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -19,9 +17,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from sep_hf.source.checkpoints import CHECKPOINTS_DIR, MODEL_FILE, RECORD_FILE, Checkpoint, CheckpointError, evenly_spaced, list_checkpoints
-from sep_hf.utils.io import atomic_write
 from sep_hf.models import ImageClassifier, model_from_config
+from sep_hf.publish import hub
+from sep_hf.source.checkpoints import (
+    CHECKPOINTS_DIR,
+    MODEL_FILE,
+    RECORD_FILE,
+    Checkpoint,
+    CheckpointError,
+    evenly_spaced,
+    list_checkpoints,
+)
+from sep_hf.utils.io import atomic_write
 from sep_hf.utils.runtime import autocast
 
 __all__ = ["CheckpointEnsemble", "tensor_hash"]
@@ -50,25 +57,21 @@ class CheckpointEnsemble(nn.Module):
     (K, N, ...) stacks; ``models[k]`` is checkpoint k. All models are in eval mode and frozen.
     """
 
-    def __init__(self, models: list[ImageClassifier], records: list[dict], mode: str = "loop", source: str = ""):
+    def __init__(self, models: list[ImageClassifier], records: list[dict], source: str = ""):
         super().__init__()
         if not models:
             raise CheckpointError("An ensemble needs at least one checkpoint.")
-        if mode not in ("loop", "vmap"):
-            raise ValueError(f"mode must be 'loop' or 'vmap', not '{mode}'.")
         self.models = nn.ModuleList(models).eval().requires_grad_(False)
         self.records = records
-        self.mode = mode
         self.source = source
         self.revision: str | None = None  # Hub commit sha when loaded from a repo
         self.checkpoint_paths: list[Path] = []
-        self._stacked = None
 
     # ------------------------------------------------------------------------------------------
     # loading
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: list[Checkpoint], device="cpu", mode: str = "loop", source: str = ""):
+    def from_checkpoints(cls, checkpoints: list[Checkpoint], device="cpu", source: str = ""):
         reference = checkpoints[0].record
         models = []
         for checkpoint in checkpoints:
@@ -86,7 +89,7 @@ class CheckpointEnsemble(nn.Module):
             model = model_from_config(record["model"])
             model.load_state_dict(checkpoint.load_state_dict())
             models.append(model)
-        ensemble = cls(models, [ckpt.record for ckpt in checkpoints], mode=mode, source=source)
+        ensemble = cls(models, [ckpt.record for ckpt in checkpoints], source=source)
         ensemble.checkpoint_paths = [ckpt.path for ckpt in checkpoints]
         return ensemble.to(device)
 
@@ -97,7 +100,6 @@ class CheckpointEnsemble(nn.Module):
         num_models: int | None = None,
         revision: str | None = None,
         device="cpu",
-        mode: str = "loop",
     ) -> "CheckpointEnsemble":
         """Load ``num_models`` evenly spaced checkpoints (all if None) from a run directory or Hub repo.
 
@@ -111,9 +113,8 @@ class CheckpointEnsemble(nn.Module):
             if not available:
                 raise CheckpointError(f"No complete checkpoints under {path} (expected {CHECKPOINTS_DIR}/epoch-XXX/).")
             chosen = evenly_spaced(available, num_models)
-            return cls.from_checkpoints(chosen, device=device, mode=mode, source=str(path.resolve()))
+            return cls.from_checkpoints(chosen, device=device, source=str(path.resolve()))
 
-        from sep_hf.publish import hub
 
         repo_id = str(repo_id_or_dir)
         if repo_id.startswith(("/", "./", "../", "~")) or repo_id.count("/") != 1:  # cannot be a Hub id
@@ -134,7 +135,7 @@ class CheckpointEnsemble(nn.Module):
         patterns = [f"{CHECKPOINTS_DIR}/{name}/{file}" for name in chosen for file in (MODEL_FILE, RECORD_FILE)]
         local = hub.download_repo(repo_id, revision=sha, allow_patterns=patterns)
         checkpoints = [ckpt for ckpt in list_checkpoints(local) if ckpt.path.name in chosen]
-        ensemble = cls.from_checkpoints(checkpoints, device=device, mode=mode, source=repo_id)
+        ensemble = cls.from_checkpoints(checkpoints, device=device, source=repo_id)
         ensemble.revision = sha
         return ensemble
 
@@ -183,7 +184,6 @@ class CheckpointEnsemble(nn.Module):
     def to(self, *args, **kwargs):
         result = super().to(*args, **kwargs)
         result.models.to(memory_format=torch.channels_last)
-        result._stacked = None
         return result
 
     # ------------------------------------------------------------------------------------------
@@ -193,8 +193,6 @@ class CheckpointEnsemble(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "vmap":
-            return self._vmap_call(x)
         x = self._prepare(x)
         return torch.stack([model(x) for model in self.models])
 
@@ -203,18 +201,6 @@ class CheckpointEnsemble(nn.Module):
         return torch.stack([model.features(x) for model in self.models])
 
     forward = logits
-
-    def _vmap_call(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.func import stack_module_state, vmap
-
-        if self._stacked is None:
-            params, buffers = stack_module_state(list(self.models))
-            base = copy.deepcopy(self.models[0]).to("meta")
-            self._stacked = (base, params, buffers)
-        base, params, buffers = self._stacked
-        return vmap(lambda p, b, inp: torch.func.functional_call(base, (p, b), (inp,)), in_dims=(0, 0, None))(
-            params, buffers, x
-        )
 
     def rows(self, index) -> "CheckpointEnsemble":
         """The ensemble as a subset of a batch sees it: the same models (``protections.sep`` gives images

@@ -17,12 +17,11 @@ pixel blocks (JPEG and blur remove high frequencies) and/or shared by the three 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
 from sep_hf import squeezes
-from sep_hf.seeding import draw_keys, key_choice, key_normal_like, key_uniform
+from sep_hf.seeding import key_choice, key_normal_like, key_uniform
 
 __all__ = ["VIEWS", "apply_views", "lowpass_direction", "parse_views"]
 

@@ -21,33 +21,48 @@ checkpoints), so adding a method touches its own module only.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
+from huggingface_hub import DatasetCard
+from huggingface_hub.errors import HfHubHTTPError
 
-from sep_hf.publish import hub
-from sep_hf.publish.cards import keep_owner_card, protected_dataset_card, sample_grid_png
-from sep_hf.data.view import DataArguments, ImageRows, TrainingData, colour_mode, evaluation_split, first_rows, held_out_rows, model_size, model_view, scan_split
-from sep_hf.data.load import DatasetError, ImageDataset, public_name
-from sep_hf.data.images import decode_batch, uint8_to_float, undecoded, union_mode
-from sep_hf.publish.folder import embed_image_bytes, write_hub_layout
-from sep_hf.protect.ensemble import CheckpointEnsemble
-from sep_hf.utils.io import write_json
 from sep_hf.arguments import RESULTS_FILE, HubArguments, RunArguments
-from sep_hf.source.job import run_source_training
-from sep_hf.utils.presets import apply_preset
+from sep_hf.data.images import decode_batch, uint8_to_float, undecoded, union_mode
+from sep_hf.data.load import DatasetError, ImageDataset, public_name
+from sep_hf.data.view import (
+    DataArguments,
+    ImageRows,
+    TrainingData,
+    colour_mode,
+    evaluation_split,
+    first_rows,
+    held_out_rows,
+    model_size,
+    model_view,
+    scan_split,
+)
 from sep_hf.protect import check_method_flags, get_protection, list_protections
 from sep_hf.protect.base import load_shards, protect_split, split_summary
-from sep_hf.utils.runtime import resolve_mixed_precision
+from sep_hf.protect.ensemble import CheckpointEnsemble
+from sep_hf.publish import hub
+from sep_hf.publish.cards import keep_owner_card, protected_dataset_card, sample_grid_png
+from sep_hf.publish.folder import embed_image_bytes, write_hub_layout
+from sep_hf.publish.hub import HubError
+from sep_hf.source.job import run_source_training
 from sep_hf.source.recipe import SourceTrainingConfig
+from sep_hf.utils.io import write_json
+from sep_hf.utils.logging import get_logger
+from sep_hf.utils.presets import apply_preset
+from sep_hf.utils.runtime import resolve_mixed_precision
 
 __all__ = ["ProtectArguments", "ProtectionContext", "run_protection", "budget_text", "GRID_FILE", "DATASET_DIR"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 GRID_FILE = "sample_grid.png"
 DATASET_DIR = "dataset"
@@ -77,6 +92,7 @@ class ProtectArguments:
     hub_private_dataset: bool = field(default=False, metadata={"help": "Publish the dataset repo private (an existing repo is switched to match)."})
     hub_source_model_id: str | None = field(default=None, metadata={"help": "Repo for newly trained checkpoints (default: <hub_dataset_id>-source, private)."})
     hub_allow_public_source: bool = field(default=False, metadata={"help": "Allow pushing the source checkpoints to an existing PUBLIC repo (they can undo the protection)."})
+    license: str | None = field(default=None, metadata={"help": "License of the published dataset, a Hub license id (cc-by-4.0, mit, other, ...); default: the source dataset card's."})
 
     def __post_init__(self):
         get_protection(self.method)  # raises, listing the registered methods
@@ -289,6 +305,20 @@ def _published_splits(dataset: ImageDataset, args: ProtectArguments, data_args: 
     return splits
 
 
+def source_license(dataset: ImageDataset) -> str | None:
+    """The license the source dataset's card states (None: no card, or a card without one)."""
+    card_path = Path(dataset.dataset_id) / "README.md"
+    try:
+        if dataset.is_local:
+            card = DatasetCard.load(card_path) if card_path.is_file() else None
+        else:
+            card = hub.load_card(dataset.dataset_id, "dataset") if "README.md" in hub.repo_files(
+                dataset.dataset_id, "dataset", dataset.revision) else None
+    except (HubError, HfHubHTTPError, OSError, ValueError):
+        return None
+    return card.data.get("license") if card is not None else None
+
+
 def run_protection(
     args: ProtectArguments,
     data_args: DataArguments,
@@ -358,7 +388,6 @@ def run_protection(
         return None
 
     # Assemble, check, describe and publish (main process)
-    import datasets
 
     start = time.perf_counter()
     crafted = {name: load_shards(paths) for name, paths in shard_paths.items()}
@@ -390,6 +419,11 @@ def run_protection(
         "num_processes": accelerator.num_processes, "hub_dataset_id": args.hub_dataset_id if args.push_to_hub else None,
         "victims": [],
     }
+    results["license"], results["license_from"] = (args.license, "flag") if args.license else (
+        source_license(dataset), "source")
+    if results["license"] is None:
+        results["license_from"] = None
+        logger.warning("The source dataset states no license: the card says 'unknown'; pass --license to set one.")
     folder = output_dir / DATASET_DIR
     card_data, body = protected_dataset_card(results, transform.card_lines(results), GRID_FILE)
     if owner_card is not None:

@@ -1,4 +1,9 @@
-"""Model and dataset card text and figures. Every number a card states comes from a results dict."""
+"""Model and dataset cards and their figures. Every number a card states comes from a results dict.
+
+Cards are rendered by ``huggingface_hub``'s ``ModelCard`` / ``DatasetCard.from_template`` from the
+Jinja templates in ``templates/`` (the text), with metadata from ``ModelCardData`` / ``DatasetCardData``
+(``model-index`` accuracy, ``base_model``, ``license``, tags); this module computes the values.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,29 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.utils import make_grid
+
+from sep_hf.data.images import quantize
+
+TEMPLATES = Path(__file__).parent / "templates"  # Jinja card templates rendered by huggingface_hub
 
 __all__ = ["accuracy_curve_png", "victim_model_card", "training_curve_png", "source_model_card", "sample_grid_png", "protected_dataset_card", "VICTIM_TABLE_START", "VICTIM_TABLE_END", "add_victim_to_dataset_card", "defense_label"]
 
 
 def _figure_png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # a Figure without pyplot: no global state
     return buffer.getvalue()
 
 
 def accuracy_curve_png(epochs: list[int], accuracy: list[float], loss: list[float] | None = None,
                        title: str = "", accuracy_label: str = "clean test accuracy", loss_label: str = "train loss") -> bytes:
     """Accuracy (left axis) and optionally a loss (right axis) per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, accuracy_axis = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    accuracy_axis = fig.subplots()
     accuracy_axis.plot(epochs, accuracy, "o-", color="tab:blue", ms=3)
     accuracy_axis.set_xlabel("epoch")
     accuracy_axis.set_ylabel(accuracy_label, color="tab:blue")
@@ -48,10 +54,6 @@ def training_curve_png(history: list[dict], title: str = "Source training") -> b
                               [row["train_loss"] for row in history], title)
 
 
-def _yaml_front_matter(data) -> str:
-    return f"---\n{data.to_yaml()}\n---\n"
-
-
 def source_model_card(
     repo_id: str | None,
     model_config: dict,
@@ -65,13 +67,11 @@ def source_model_card(
     curve_file: str = "training_curve.png",
 ):
     """Card for a source run: config, accuracy per checkpoint, curve, and how to load the ensemble."""
-    from huggingface_hub import ModelCard, ModelCardData
 
     name = repo_id or "sep-hf source run"
     final = history[-1] if history else None
     eval_results = []
     if final is not None and not dataset_id.startswith("/"):
-        from huggingface_hub import EvalResult
 
         eval_results.append(EvalResult(
             task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id,
@@ -84,47 +84,11 @@ def source_model_card(
         datasets=[dataset_id] if not dataset_id.startswith("/") else None, metrics=["accuracy"],
         model_name=name.split("/")[-1], eval_results=eval_results or None, pipeline_tag="image-classification",
     )
-    rows = "\n".join(
-        f"| {ckpt['epoch']} | `checkpoints/epoch-{ckpt['epoch']:03d}/` | {ckpt['train_loss']:.4f} | {ckpt['clean_test_accuracy']:.4f} |"
-        for ckpt in checkpoints
-    )
-    config_json = json.dumps(training_config, indent=2, sort_keys=True)
-    revision = f" at revision `{dataset_revision}`" if dataset_revision else ""
-    text = f"""{_yaml_front_matter(data)}
-# {name}
-
-Source-model checkpoints for **Self-Ensemble Protection** (SEP, Chen et al., ICLR 2023), trained with
-`sep-hf` (`recipes/train_source.py`). Each `checkpoints/epoch-XXX/` holds `model.safetensors`
-(weights of `{model_config['model_name']}`, input pixels in [0, 1], normalization inside the model),
-`record.json` (epoch, step, loss, accuracy, architecture, class names, dataset revision, file hashes)
-and `training_state.pt` (optimizer and scheduler, to resume).
-
-Trained on {num_train} images of `{dataset_id}`{revision}; accuracy on the first {num_eval} clean test images.
-
-## Checkpoints
-
-| epoch | folder | train loss | clean test accuracy |
-|---:|---|---:|---:|
-{rows}
-
-![accuracy and loss per epoch]({curve_file})
-
-## Use as a SEP ensemble
-
-```python
-from sep_hf import CheckpointEnsemble
-ensemble = CheckpointEnsemble.from_pretrained("{repo_id or 'OUTPUT_DIR'}", num_models={len(checkpoints)})
-```
-
-## Training configuration
-
-```json
-{config_json}
-```
-
-Model: `{json.dumps(model_config, sort_keys=True)}`
-"""
-    return ModelCard(text)
+    return ModelCard.from_template(
+        data, template_path=TEMPLATES / "source_model_card.md", name=name, model_name=model_config["model_name"],
+        num_train=num_train, num_eval=num_eval, dataset_id=dataset_id, checkpoints=checkpoints, curve_file=curve_file,
+        revision=f" at revision `{dataset_revision}`" if dataset_revision else "", load_from=repo_id or "OUTPUT_DIR",
+        config_json=json.dumps(training_config, indent=2, sort_keys=True), model_json=json.dumps(model_config, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +101,7 @@ VICTIM_TABLE_END = "<!-- sep-hf victim table end -->"
 
 def sample_grid_png(clean: torch.Tensor, protected: torch.Tensor, eps: float, scale: int = 4) -> bytes:
     """Rows: clean images, protected images, perturbation amplified to the full range (0.5 + delta / 2eps)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
 
-    from sep_hf.data.images import quantize
 
     amplified = (0.5 + (protected - clean) / (2 * eps)).clamp(0, 1)
     tiles = torch.cat([clean, protected, amplified]).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
@@ -239,7 +200,6 @@ def keep_owner_card(owner_card, data, body: str):
     pretty name, ...) are kept; sep-hf's tags are added to theirs, its ``configs`` / ``dataset_info``
     describe the new files, and its section (between ``PROTECTION_BEGIN`` and ``PROTECTION_END``)
     replaces the one of an earlier protection or is appended."""
-    from huggingface_hub import DatasetCardData
 
     merged = owner_card.data.to_dict()
     for key, value in data.to_dict().items():
@@ -259,7 +219,6 @@ def keep_owner_card(owner_card, data, body: str):
 def protected_dataset_card(results: dict, method_lines: list[str], grid_file: str):
     """Card data and body of a protected dataset; figures come from ``results`` (results.json) and the
     method's own lines (``ProtectionTransform.card_lines``)."""
-    from huggingface_hub import DatasetCardData
 
     source_dataset, source_revision = results["dataset"], results.get("dataset_revision")
     data = DatasetCardData(
@@ -267,12 +226,8 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
                                                         results["method"]],
         source_datasets=[source_dataset] if source_revision else None,  # a local folder is no Hub dataset
         pretty_name=f"{source_dataset.split('/')[-1]} protected with {results['method'].upper()}",
+        license=results.get("license") or "unknown",
     )
-    split_rows = "\n".join(
-        f"| {name} | {stats['num_examples']} | {stats['max_linf']} | {stats['mean_psnr']:.2f} | {stats['mean_l2']:.4f} |"
-        for name, stats in results["splits"].items()
-    )
-    config_json = json.dumps(results["config"], indent=2, sort_keys=True)
     revision = f" (revision `{source_revision}`)" if source_revision else ""
     protected = ", ".join(f"`{name}`" for name in results.get("protected_splits", results["splits"]))
     paper = results.get("paper") or {}
@@ -289,46 +244,17 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
         pixel_line += (f"\n- images keep the source's mode `{mode}`: "
                        + ("one grey channel carries the perturbation" if mode.startswith("L") else "RGB carries the perturbation")
                        + ("; the alpha channel is copied unchanged" if mode.endswith("A") else ""))
-    method_text = "\n".join(method_lines)
-    body = f"""
-{PROTECTION_BEGIN}
-# {data.pretty_name}
-
-Images of `{source_dataset}`{revision} with a perturbation crafted by **{results['method'].upper()}**{reference}
-with `sep-hf`, so that a model trained on them reaches a lower accuracy on clean images than one
-trained on the originals. Same columns and labels as the source. Mean PSNR against the originals:
-{results['mean_psnr']:.1f} dB (the sample grid shows the perturbation).
-
-{method_text}
-- protected splits: {protected} (other splits are published unchanged)
-{pixel_line}
-
-## Perturbation statistics
-
-| split | images | max L-inf (1/255) | mean PSNR (dB) | mean L2 |
-|---|---:|---:|---:|---:|
-{split_rows}
-
-![clean (top), protected (middle), perturbation amplified (bottom)]({grid_file})
-
-## What an appropriator can recover
-
-{measured_matrix_section(results['method'], results.get('eps'), results.get('preset', ''))}
-
-## Victims trained on this dataset
-
-Accuracy on the clean test split of models trained on this protected data:
-
-{_victim_table(results.get('victims', []))}
-
-## Crafting configuration
-
-```json
-{config_json}
-```
-{PROTECTION_END}
-"""
-    return data, body
+    license_note = {"source": " (the source dataset's)", "flag": ""}.get(results.get("license_from"),
+                                                                       ": the source states none; pass --license")
+    card = DatasetCard.from_template(
+        data, template_path=TEMPLATES / "protected_dataset_card.md", protection_begin=PROTECTION_BEGIN,
+        protection_end=PROTECTION_END, source_dataset=source_dataset, revision=revision, method=results["method"],
+        reference=reference, mean_psnr=results["mean_psnr"], method_text="\n".join(method_lines), protected=protected,
+        pixel_line=pixel_line, license=data.license, license_note=license_note, splits=results["splits"],
+        grid_file=grid_file, victim_table=_victim_table(results.get("victims", [])),
+        measured_section=measured_matrix_section(results["method"], results.get("eps"), results.get("preset", "")),
+        config_json=json.dumps(results["config"], indent=2, sort_keys=True))
+    return data, "\n" + card.text.strip() + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +283,6 @@ def _pretraining_lines(results: dict) -> str:
 
 def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
     """Card of a victim: clean test accuracy in ``model-index``, the (protected) data it saw."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     name = (repo_id or f"{results['model']}-victim").split("/")[-1]
     eval_id = results["eval_dataset"]
@@ -378,42 +303,18 @@ def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
         base_model=results.get("base_model"),
     )
     reference = results.get("clean_reference_accuracy")
-    reference_line = (f"- clean-trained reference (same recipe, clean data): **{reference:.4f}**"
-                      if reference is not None else "- clean-trained reference: not measured for this run")
-    rows = "\n".join(f"| {row['epoch']} | {row['eval_accuracy']:.4f} |" for row in results["history"])
-    revision = f" at revision `{results['dataset_revision']}`" if results.get("dataset_revision") else ""
     settings = results.get("defense_settings") or {}
     defense_section = ""
     if settings:
         defense_section = (f"\n## Defense: `{results['defense']}`\n\n```json\n{json.dumps(settings, indent=2, sort_keys=True)}\n```\n"
                            + (f"\n{settings['note']}.\n" if settings.get("note") else ""))
-    text = f"""---
-{data.to_yaml()}
----
-
-# {name}
-
-A victim model for measuring data protection with `sep-hf`: `{results['model']}` trained with
-transformers `Trainer` (`TimmWrapperForImageClassification`) on **`{train_id}`**{revision}
-({results['num_train']} training images, defense: `{defense_label(results['defense'], settings)}`), evaluated on the **clean**
-`{results['eval_split']}` split of `{eval_id}`.
-
-- clean test accuracy: **{results['eval_accuracy']:.4f}** ({results['num_eval']} images)
-{_pretraining_lines(results)}{reference_line}
-- training: {results['training_config']['epochs']} epochs, {results['train_seconds']:.0f} s
-
-| epoch | clean test accuracy |
-|---:|---:|
-{rows}
-
-![clean test accuracy per epoch]({curve_file})
-{defense_section}
-
-```python
-import sep_hf.models  # registers the *_cifar architectures with timm
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained("{repo_id or 'OUTPUT_DIR/model'}")
-processor = AutoImageProcessor.from_pretrained("{repo_id or 'OUTPUT_DIR/model'}")
-```
-"""
-    return ModelCard(text)
+    return ModelCard.from_template(
+        data, template_path=TEMPLATES / "victim_model_card.md", name=name, model=results["model"], train_id=train_id,
+        revision=f" at revision `{results['dataset_revision']}`" if results.get("dataset_revision") else "",
+        num_train=results["num_train"], defense=defense_label(results["defense"], settings),
+        eval_split=results["eval_split"], eval_id=eval_id, eval_accuracy=results["eval_accuracy"],
+        num_eval=results["num_eval"], pretraining_lines=_pretraining_lines(results),
+        reference_line=(f"- clean-trained reference (same recipe, clean data): **{reference:.4f}**"
+                        if reference is not None else "- clean-trained reference: not measured for this run"),
+        epochs=results["training_config"]["epochs"], train_seconds=results["train_seconds"], history=results["history"],
+        curve_file=curve_file, defense_section=defense_section, load_from=repo_id or "OUTPUT_DIR/model")

@@ -8,14 +8,20 @@ bytes in the table, so no published row points at the owner's disk.
 
 from __future__ import annotations
 
+import math as _math
 from pathlib import Path
+
+from datasets.info import DatasetInfo, DatasetInfosDict
+from datasets.splits import SplitDict, SplitInfo
+from datasets.table import embed_table_storage
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard
 
 
 def embed_image_bytes(split):
     """The split with every image's bytes inside the table (an ImageFolder row holds only a local path):
     what ``push_to_hub`` does, so a published split never points at the owner's disk. Paths keep only
     the file name."""
-    from datasets.table import embed_table_storage
 
     if split.num_rows == 0:
         return split
@@ -32,12 +38,7 @@ def write_hub_layout(splits, folder: str | Path, card_data, card_body: str, conf
     ``dataset_info`` in the card's YAML), so ``load_dataset(folder)`` works locally and one
     ``upload_folder`` publishes data and card in a single commit.
     """
-    import math as _math
 
-    from datasets.info import DatasetInfo, DatasetInfosDict
-    from datasets.splits import SplitDict, SplitInfo
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCard
 
     folder = Path(folder)
     data_dir = folder / "data"

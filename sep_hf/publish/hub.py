@@ -6,13 +6,14 @@ users expect, including against the loopback test double in ``sep_hf.testing.hub
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, ModelCard, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from sep_hf.utils.logging import get_logger
 
 __all__ = [
     "HubError",
@@ -31,7 +32,7 @@ __all__ = [
     "push_card",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class HubError(RuntimeError):
@@ -287,7 +288,6 @@ def upload_folder(repo_id: str, folder: str | Path, repo_type: str = "dataset", 
 
 
 def load_card(repo_id: str, repo_type: str = "dataset"):
-    from huggingface_hub import DatasetCard, ModelCard
 
     cls = DatasetCard if repo_type == "dataset" else ModelCard
     try:

@@ -6,24 +6,25 @@ too (with the data it already decoded) when no ``--checkpoints`` are given.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from sep_hf.arguments import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
+from sep_hf.data.view import DataArguments, TrainingData, load_training_data
+from sep_hf.defenses import build_defense
 from sep_hf.publish import hub
 from sep_hf.publish.cards import source_model_card, training_curve_png
 from sep_hf.source.checkpoints import CHECKPOINTS_DIR, RECORD_FILE, Checkpoint, CheckpointError, list_checkpoints
-from sep_hf.data.view import DataArguments, TrainingData, load_training_data
-from sep_hf.utils.io import write_json
-from sep_hf.arguments import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
-from sep_hf.utils.presets import apply_preset
 from sep_hf.source.recipe import SourceTrainingConfig
 from sep_hf.source.train import train_source
+from sep_hf.utils.io import write_json
+from sep_hf.utils.logging import get_logger
+from sep_hf.utils.presets import apply_preset
 
 __all__ = ["find_resume_checkpoint", "run_source_training"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 def _same_run_keys(config: SourceTrainingConfig, data: TrainingData) -> dict:
     training = asdict(config)
@@ -84,7 +85,6 @@ def run_source_training(
     the parsed defense flag dataclasses of ``config.defense`` (``sep_hf.defenses.defense_arguments``). The checkpoints
     go to a private repo; an existing public one is refused unless ``allow_public_repo``.
     """
-    from sep_hf.defenses import build_defense
 
     apply_preset(run_args.preset, config, data_args)
     defense = build_defense(config.defense, defense_args)  # before any compute: a wrong flag fails here

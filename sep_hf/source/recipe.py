@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
-import torch
-from sep_hf.source.checkpoints import evenly_spaced
-from sep_hf.models import pretrained_weights_name
-from sep_hf.utils.presets import merge_presets
 
+import torch
+
+from sep_hf.models import pretrained_weights_name
+from sep_hf.source.checkpoints import evenly_spaced
+from sep_hf.utils.presets import merge_presets
 
 # 1,800 photos at batch 128 make a 14-step epoch: a one-epoch warm-up at lr 0.08 diverged (source loss 3.5,
 # held-out accuracy 0.27), four epochs reached 0.595 (bench/results/own_dataset.json). CIFAR-10's

@@ -7,7 +7,6 @@ slice), and a run resumed from a checkpoint replays exactly what an uninterrupte
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,19 +16,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sep_hf.source.checkpoints import Checkpoint, list_checkpoints, save_checkpoint
 from sep_hf.data.view import TrainingData
 from sep_hf.models import build_model
-from sep_hf.source.recipe import SourceTrainingConfig, parameter_groups
 from sep_hf.seeding import seeded_generator
 from sep_hf.source.augment import apply_crop_flip, channel_stats, draw_crop_flip
+from sep_hf.source.checkpoints import Checkpoint, list_checkpoints, save_checkpoint
+from sep_hf.source.recipe import SourceTrainingConfig, parameter_groups
+from sep_hf.utils.logging import get_logger
 
 __all__ = [
     "evaluate_accuracy",
     "train_source",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class _LogitsView(torch.nn.Module):

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from sep_hf.source.checkpoints import list_checkpoints
 from sep_hf.models import ImageClassifier, model_from_config
+from sep_hf.source.checkpoints import list_checkpoints
 
 __all__ = ["export_timm_backbone", "export_source_checkpoint"]
 

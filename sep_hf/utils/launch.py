@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 import signal
 import subprocess
 import sys
 
+import torch
+from accelerate.commands.launch import launch_command_parser
+
+from sep_hf.utils.logging import get_logger
+
 __all__ = ["die_with_parent", "prepare_launch", "relaunch_cpu_processes", "requested_cpu_processes"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Set by the relaunch for the torch.distributed.run workers: the pid of the recipe process that relaunched,
@@ -131,7 +135,6 @@ def requested_cpu_processes() -> int:
     argv = _launcher_argv()
     if not argv:
         return 1
-    from accelerate.commands.launch import launch_command_parser
 
     known, _ = launch_command_parser().parse_known_args(argv)
     return int(known.num_processes or 1)
@@ -167,7 +170,6 @@ def _share_cores_if_threads_were_defaulted() -> None:
     parent_env = _parent_proc("environ")
     if parent_env is None or any(item.startswith("OMP_NUM_THREADS=") for item in parent_env):
         return  # the user chose a thread count
-    import torch
 
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))

@@ -10,13 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sep_hf.publish import hub
-from sep_hf.data.view import DataArguments, load_training_data
-from sep_hf.data.load import public_name, resolve_dataset_name
-from sep_hf.utils.io import write_json
-from sep_hf.models import hub_model_id, public_model_name
+import torch
+from accelerate import PartialState
+from huggingface_hub import DatasetCard
+
 from sep_hf.arguments import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
+from sep_hf.data.load import public_name, resolve_dataset_name
+from sep_hf.data.view import DataArguments, load_training_data
+from sep_hf.defenses import build_defense
+from sep_hf.models import hub_model_id, public_model_name
+from sep_hf.publish import hub
+from sep_hf.publish.cards import accuracy_curve_png, add_victim_to_dataset_card, victim_model_card
+from sep_hf.utils.io import write_json
 from sep_hf.utils.presets import apply_preset
+from sep_hf.utils.runtime import resolve_mixed_precision
+from sep_hf.victim.trainer import TrainerArguments, train_victim
 
 __all__ = ["VictimArguments", "run_victim", "mix_clean_rows"]
 
@@ -41,7 +49,6 @@ def mix_clean_rows(data, clean, fraction: float, seed: int = 0):
     The appropriator's partial-protection case: only some images of the collection are protected.
     Rows, not new images, are swapped, so the training set keeps its size and class balance.
     """
-    import torch
 
     if clean.class_names != data.class_names or len(clean.train_labels) < len(data.train_labels):
         raise ValueError(f"--clean_dataset must hold the originals of --dataset: {len(clean.class_names)} classes and "
@@ -62,10 +69,7 @@ def _dataset_card_row(results: dict) -> dict:
 
 
 def _update_dataset_card(dataset: str, row: dict) -> None:
-    from huggingface_hub import DatasetCard
 
-    from sep_hf.publish.cards import add_victim_to_dataset_card
-    from sep_hf.data.load import resolve_dataset_name
 
     dataset_id = resolve_dataset_name(dataset)
     local = Path(dataset_id)
@@ -78,17 +82,14 @@ def _update_dataset_card(dataset: str, row: dict) -> None:
 
 
 def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_args: HubArguments,
-               victim_args: VictimArguments, defense_args: list | tuple = ()) -> dict | None:
+               victim_args: VictimArguments, defense_args: list | tuple = (),
+               trainer_args: TrainerArguments | None = None) -> dict | None:
     """Train a victim with Trainer, write its card and results.json, push, and fill the dataset card.
 
-    ``defense_args`` are the parsed defense flag dataclasses (``sep_hf.defenses.defense_arguments``).
+    ``defense_args`` are the parsed defense flag dataclasses (``sep_hf.defenses.defense_arguments``);
+    ``trainer_args`` the TrainingArguments options passed through (``--report_to``, ``--dataloader_num_workers``, ...).
     """
-    from accelerate import PartialState
 
-    from sep_hf.publish.cards import accuracy_curve_png, victim_model_card
-    from sep_hf.defenses import build_defense
-    from sep_hf.utils.runtime import resolve_mixed_precision
-    from sep_hf.victim.trainer import train_victim
 
     apply_preset(run_args.preset, config, data_args)
     defense = build_defense(config.defense, defense_args)  # before any compute: flags of other defenses fail here
@@ -105,7 +106,7 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
         hub.ensure_repo(hub_args.hub_model_id, "model", private=hub_args.hub_private_repo)
     mixed_precision = resolve_mixed_precision(run_args.mixed_precision, use_cpu=not state.device.type == "cuda")
     results = train_victim(config, data, output_dir, defense, mixed_precision=mixed_precision,
-                           gradient_accumulation_steps=run_args.gradient_accumulation_steps)
+                           gradient_accumulation_steps=run_args.gradient_accumulation_steps, trainer_args=trainer_args)
     if not state.is_main_process:
         return None
     # Public names only: a local folder is named by its folder name, never by its path (cards are pushed).

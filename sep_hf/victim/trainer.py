@@ -12,22 +12,29 @@ training (JPEG, grayscale), each augmented training batch (PGD, in pixels throug
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import (
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from sep_hf.data.view import TrainingData
 from sep_hf.defenses import get_defense, list_defenses
 from sep_hf.defenses.base import Defense
 from sep_hf.models import check_model_name, load_pretrained_backbone, timm_model_args
-from sep_hf.source.recipe import TrainingRecipe, parameter_groups
 from sep_hf.source.augment import augment_crop_flip, channel_stats
+from sep_hf.source.recipe import TrainingRecipe, parameter_groups
+from sep_hf.utils.logging import get_logger
 
 __all__ = [
     "VictimTrainingConfig",
@@ -41,9 +48,23 @@ __all__ = [
     "ACCURACY_METRIC",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 ACCURACY_METRIC = str(Path(__file__).parent / "metrics" / "accuracy.py")
+
+
+@dataclass
+class TrainerArguments:
+    """``transformers.TrainingArguments`` options a victim run passes through unchanged (same names, same meaning).
+
+    The rest of TrainingArguments is set by the victim recipe (epochs, global batch, schedule, precision)
+    or fixed by the protocol (evaluation every epoch on the clean split, no Trainer checkpoints).
+    """
+
+    report_to: str = field(default="none", metadata={"help": "Trainer: where to log metrics (none | all | tensorboard | wandb | trackio | ...)."})
+    run_name: str | None = field(default=None, metadata={"help": "Trainer: the run's name in the logging integrations."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Trainer: worker processes loading batches (0: in the training process)."})
+    torch_compile: bool = field(default=False, metadata={"help": "Trainer: compile the model with torch.compile."})
 
 
 @dataclass
@@ -172,8 +193,7 @@ def build_victim_model(config: VictimTrainingConfig, class_names, img_size, in_c
     (the collator's 3-channel normalization broadcasts them), and fixed-size models (ViTs) are
     rebuilt at ``img_size`` (timm resamples their position embeddings).
     """
-    import sep_hf.models  # noqa: F401  registers the *_cifar architectures with timm
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
 
     labels = {"id2label": dict(enumerate(class_names)), "label2id": {n: i for i, n in enumerate(class_names)}}
     weights = config.weights_name()
@@ -238,7 +258,6 @@ def accuracy_by_class(predictions, labels, class_names, pretrained_label_names=N
     None for a class without evaluation images) and, with label names, ``pretraining_seen_classes``,
     ``eval_accuracy_seen_classes`` and ``eval_accuracy_unseen_classes`` (None where no image is of such a class).
     """
-    import numpy as np
 
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     correct = predictions == labels
@@ -261,8 +280,9 @@ def _accuracy_metric():
     try:
         import evaluate
     except ImportError:
-        import numpy as np
         from types import SimpleNamespace
+
+        import numpy as np
 
         return SimpleNamespace(compute=lambda predictions, references: {
             "accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))})
@@ -276,7 +296,8 @@ def _processor_config(mean, std, img_size) -> dict:
 
 
 def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: str | Path, defense: Defense | None = None,
-                 mixed_precision: str = "no", report_to: str = "none", gradient_accumulation_steps: int = 1) -> dict:
+                 mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
+                 trainer_args: TrainerArguments | None = None) -> dict:
     """Train a victim on ``data.train_*`` and evaluate on the clean ``data.eval_*`` every epoch.
 
     ``defense`` (``sep_hf.defenses.build_defense``) must be the one ``config.defense`` names.
@@ -285,17 +306,16 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     images per micro-batch, so the learning-rate schedule, sized in optimizer steps of the global
     batch, runs to its end whatever N is. Raises ValueError if that does not divide evenly.
     """
-    from transformers import TrainingArguments
-
     output_dir = Path(output_dir)
     # TrainingArguments sets up the distributed state (a PartialState made earlier may still say 1 process)
     args = TrainingArguments(
         output_dir=str(output_dir / "trainer"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
         per_device_eval_batch_size=500,
-        eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=report_to,
+        eval_strategy="epoch", save_strategy="no", logging_strategy="epoch",
         seed=config.seed, bf16=mixed_precision == "bf16", fp16=mixed_precision == "fp16",
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
+        **asdict(trainer_args or TrainerArguments()),
     )
     world = args.world_size
     if config.batch_size % (world * gradient_accumulation_steps):
@@ -357,6 +377,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
         "train_seconds": train_output.metrics["train_runtime"],
         "optimizer_steps": train_output.global_step,
         "micro_batch_size": micro_batch, "num_processes": world, "gradient_accumulation_steps": gradient_accumulation_steps,
+        "trainer_arguments": asdict(trainer_args or TrainerArguments()),
         "planned_optimizer_steps": steps_per_epoch * config.epochs,
         "train_samples_per_second": train_output.metrics["train_samples_per_second"],
         "num_train": len(data.train_labels),

@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.data.images import quantize
-from sep_hf.seeding import splitmix64
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import ProtectionTransform, config_hash
+from sep_hf.seeding import splitmix64
+from sep_hf.utils.logging import get_logger
 
 __all__ = ["CUDAConfig", "CUDAArguments", "CUDATransform", "cuda_filters", "apply_cuda", "cuda_selected",
            "key_fingerprint", "resolve_cuda_key", "KEY_ENV"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 KEY_ENV = "SEP_HF_CUDA_KEY"
 PAPER = {"title": "CUDA: Convolution-based Unlearnable Datasets", "url": "https://arxiv.org/abs/2303.04278",

@@ -37,7 +37,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,17 +47,18 @@ import torch.nn.functional as F
 
 from sep_hf.attacks import input_gradient, pgd, uniform_start
 from sep_hf.data.images import quantize, uint8_to_float
-from sep_hf.protect.ensemble import tensor_hash
-from sep_hf.utils.io import atomic_write
 from sep_hf.models import build_model
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import ProtectionTransform, budget_clamp, config_hash
+from sep_hf.protect.ensemble import tensor_hash
 from sep_hf.seeding import seeded_generator
 from sep_hf.source.augment import augment_crop_flip, channel_stats
+from sep_hf.utils.io import atomic_write
+from sep_hf.utils.logging import get_logger
 
 __all__ = ["EMConfig", "EMArguments", "EMTransform", "NoiseFit", "fit_error_minimizing_noise", "robust_loss"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 METHODS = ("em", "rem")
 PAPERS = {

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sep_hf.protect.eot import parse_views
 from sep_hf.protect import register_protection
+from sep_hf.protect.eot import parse_views
 from sep_hf.protect.methods.sep import METHODS, SEPConfig, SEPTransform, classwise_levels
 
 __all__ = ["RobustArguments", "SEPRobustTransform", "VIEW_DEFENSES"]

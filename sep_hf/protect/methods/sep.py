@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -33,17 +32,18 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.attacks import pgd, sign_step
-from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
-from sep_hf.seeding import draw_keys, splitmix64
 from sep_hf.data.load import public_name
-from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
 from sep_hf.models import RaggedResize, resize_to_model
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, budget_clamp, config_hash
+from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
+from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
+from sep_hf.seeding import draw_keys, splitmix64
+from sep_hf.utils.logging import get_logger
 
 __all__ = ["SEPConfig", "SEPArguments", "SEPTransform", "craft_sep", "vr_picks", "target_classes", "present_targets"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 METHODS = ("sep", "sep-fa", "sep-fa-vr")
 
