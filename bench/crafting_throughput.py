@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RUNS_DIR, markdown_table, write_results
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import RUNS_DIR, markdown_table, write_results
 from sep_hf import CheckpointEnsemble, SEPConfig, craft_sep
-from sep_hf.source.checkpoints import save_checkpoint
 from sep_hf.models import build_model, model_from_config
 from sep_hf.protect.methods.sep import target_classes, vr_picks
+from sep_hf.source.checkpoints import save_checkpoint
 from sep_hf.utils.runtime import fast_bf16
 
 

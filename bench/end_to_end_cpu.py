@@ -16,6 +16,7 @@ import json
 import shutil
 
 from common import RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results
+
 from sep_hf.testing.hub import LoopbackHub
 
 

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import REPO_ROOT, SHARED_CIFAR10, markdown_table, write_results
+
 from sep_hf.utils.runtime import fast_bf16
 
 

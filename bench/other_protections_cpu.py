@@ -87,8 +87,8 @@ def time_cuda(args) -> dict:
     """
     import torch
 
-    from sep_hf.data.view import DataArguments, load_training_data
     from sep_hf.data.images import tensor_to_png_images, uint8_to_float
+    from sep_hf.data.view import DataArguments, load_training_data
     from sep_hf.protect.methods.cuda import CUDATransform, apply_cuda, cuda_filters
 
     data = load_training_data(DataArguments(dataset=args.dataset, max_train_samples=args.cuda_timing_images,

@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, RESULTS_DIR, RUNS_DIR, SHARED_CIFAR10, launch, markdown_table, read_json, write_results  # noqa: E402
 
-from sep_hf.utils.runtime import resolve_mixed_precision
 from sep_hf.testing.photos import build_photo_folder  # noqa: E402
+from sep_hf.utils.runtime import resolve_mixed_precision
 
 ROOT = RUNS_DIR / "own_dataset"
 RESULT = RESULTS_DIR / "own_dataset.json"

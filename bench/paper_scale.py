@@ -301,8 +301,9 @@ def main():
     if args.source_from_tiny and args.source_dir is None:
         args.source_dir = args.runs_dir / "source-tiny"
         if not (args.source_dir / "checkpoints").exists():
-            from accelerate import Accelerator
             from dataclasses import replace
+
+            from accelerate import Accelerator
 
             from sep_hf.source.recipe import SourceTrainingConfig
             from sep_hf.source.train import train_source

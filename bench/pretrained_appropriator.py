@@ -33,8 +33,19 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protection_matrix  # noqa: E402
 import sep_effectiveness  # noqa: E402
-from common import (BACKBONE_MODEL, BACKBONE_REPO, REPO_ROOT, RESULTS_DIR, RUNS_DIR, SHARED_CIFAR10, bench_hub,  # noqa: E402
-                    launch, markdown_table, read_json, write_results)
+from common import (  # noqa: E402
+    BACKBONE_MODEL,
+    BACKBONE_REPO,
+    REPO_ROOT,
+    RESULTS_DIR,
+    RUNS_DIR,
+    SHARED_CIFAR10,
+    bench_hub,
+    launch,
+    markdown_table,
+    read_json,
+    write_results,
+)
 
 NAME = "pretrained_appropriator"
 ROOT = RUNS_DIR / "pretrained"

@@ -20,7 +20,9 @@ that crafts through defenses lists them in its results.json ``crafted_against``)
 Finished work is reused: crafted datasets, victims whose results.json matches the cell's setup, and
 cells already in bench/results/protection_matrix.json whose run folder is gone (kept with the
 machine they were measured on). Writes bench/results/protection_matrix.{json,md,png}, rewritten after
-every row, and the per-method summary the dataset card shows (sep_hf/measured/protection_matrix_cpu.json).
+every row, and the per-method summary a dataset card would show (bench/results/protection_matrix_card.json).
+A bench run never changes what the package's cards say: ``--release`` copies that summary into the
+package (sep_hf/publish/measured/protection_matrix_cpu.json), a deliberate step reviewed in its own commit.
 """
 
 import argparse
@@ -35,8 +37,18 @@ from pathlib import Path
 
 import common
 import sep_effectiveness
-from common import (BACKBONE_MODEL, BACKBONE_REPO, REPO_ROOT, RUNS_DIR, SHARED_CIFAR10, bench_hub, launch, markdown_table,
-                    read_json, write_results)
+from common import (
+    BACKBONE_MODEL,
+    BACKBONE_REPO,
+    REPO_ROOT,
+    RUNS_DIR,
+    SHARED_CIFAR10,
+    bench_hub,
+    launch,
+    markdown_table,
+    read_json,
+    write_results,
+)
 
 from sep_hf.data.view import DataArguments
 from sep_hf.defenses import get_defense, list_defenses
@@ -47,7 +59,8 @@ NAME = "protection_matrix"
 CELL_FILE = "bench_cell.json"
 CPU_DATA = DataArguments.PRESETS["cpu"]
 CPU_EPOCHS = VictimTrainingConfig.PRESETS["cpu"]["epochs"]
-MEASURED_FILE = REPO_ROOT / "sep_hf" / "measured" / "protection_matrix_cpu.json"
+CARD_SUMMARY = common.RESULTS_DIR / "protection_matrix_card.json"
+RELEASED_FILE = REPO_ROOT / "sep_hf" / "publish" / "measured" / "protection_matrix_cpu.json"
 # The appropriator's trainings: column -> (defense, its flags). Every registered defense also gets a
 # column at its defaults, so a new defense module appears here without editing this table.
 COLUMNS = {
@@ -367,8 +380,10 @@ def report(args, rows: list[str], defenses: list[str], cells: dict, crafting: di
                     "rows": {row: {"eps": _budget(row, args.eps), **summary_rows[row],
                                    "cells": {d: cells[row][d]["eval_accuracy"] for d in summary_rows[row]["measured_defenses"]}}
                              for row in rows if row in summary_rows and row != "clean"}}
-        MEASURED_FILE.parent.mkdir(parents=True, exist_ok=True)
-        MEASURED_FILE.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
+        CARD_SUMMARY.write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
+        if args.release:
+            RELEASED_FILE.write_text(CARD_SUMMARY.read_text())
+            print(f"released {CARD_SUMMARY.name} into the package: {RELEASED_FILE.relative_to(REPO_ROOT)}")
 
 
 def main():
@@ -387,6 +402,8 @@ def main():
     parser.add_argument("--results_dir", default=None, help="Results folder (default: bench/results).")
     parser.add_argument("--report_only", action="store_true",
                         help="Train and craft nothing: write the table from the finished runs ('-' for the rest).")
+    parser.add_argument("--release", action="store_true",
+                        help="Also copy the card summary into the package (what every future dataset card states).")
     parser.add_argument("--no_previous", action="store_true", help="Do not keep cells of the last written matrix.")
     args = parser.parse_args()
     use_folders(args.runs_dir, args.results_dir)

@@ -12,8 +12,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import markdown_table, write_results
+
 from sep_hf.models import build_model
 from sep_hf.utils.runtime import fast_bf16
 

@@ -14,7 +14,7 @@ Writes OUTPUT_DIR/results.json (method, eps, counts, max L-inf, PSNR, wall secon
 
 import sys
 
-from sep_hf.cli import run_main, protect
+from sep_hf.cli import protect, run_main
 
 if __name__ == "__main__":
     run_main(protect, sys.argv[1:])  # the same as `sep-hf protect` (sep_hf/cli.py)

@@ -26,6 +26,8 @@ class RunArguments:
 
 @dataclass
 class HubArguments:
+    """Publishing a source run's checkpoints (``push_to_hub`` is opt-in; the repo is private by default)."""
+
     push_to_hub: bool = field(default=False, metadata={"help": "Push checkpoints and card to --hub_model_id."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Model repo for the checkpoints, e.g. my-org/cifar10-sep-source."})
     hub_private_repo: bool = field(default=True, metadata={"help": "Create the repo private (pass 'false' for public)."})

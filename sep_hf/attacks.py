@@ -11,7 +11,7 @@ https://arxiv.org/abs/1706.06083. Distance measure: L-inf.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

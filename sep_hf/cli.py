@@ -53,6 +53,7 @@ def _accelerator(run_args: RunArguments) -> Accelerator:
 
 def train_source_parser() -> HfArgumentParser:
     # --defense trains the source through a victim defense (its flags: --jpeg_quality, --at_eps, ...)
+    """The flags of ``sep-hf train-source``: recipe, data, run, Hub, and every registered defense's."""
     return HfArgumentParser((SourceTrainingConfig, DataArguments, RunArguments, HubArguments, *defense_arguments()))
 
 
@@ -68,6 +69,7 @@ def train_source(argv: Sequence[str]) -> None:
 
 def protect_parser() -> HfArgumentParser:
     # Every registered method contributes its own flag dataclass (SEP's --steps, CUDA's --cuda_key, ...).
+    """The flags of ``sep-hf protect``: protection, data, source recipe, run, and every registered method's."""
     return HfArgumentParser((ProtectArguments, DataArguments, SourceTrainingConfig, RunArguments,
                              *protection_arguments()))
 
@@ -85,6 +87,7 @@ def protect(argv: Sequence[str]) -> None:
 
 def train_victim_parser() -> HfArgumentParser:
     # Every registered defense contributes its own flag dataclass (--at_eps, --jpeg_quality, ...).
+    """The flags of ``sep-hf train-victim``: recipe, data, run, Hub, victim, Trainer, every defense's."""
     return HfArgumentParser((VictimTrainingConfig, DataArguments, RunArguments, HubArguments, VictimArguments,
                              TrainerArguments, *defense_arguments()))
 

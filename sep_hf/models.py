@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import timm
 import torch
@@ -156,6 +156,7 @@ def smallnet_cifar(pretrained: bool = False, **kwargs) -> SmallNet:
 
 
 def list_cifar_models() -> list[str]:
+    """The names of the registered ``*_cifar`` architectures (32x32 stems)."""
     return sorted(default_cfgs)
 
 
@@ -201,7 +202,7 @@ class RaggedResize:
             cols[i, :, :width] = operators[(width, size[1])]
         self.rows, self.cols = rows.unsqueeze(1), cols.transpose(1, 2).unsqueeze(1)  # (N,1,H',Hmax), (N,1,Wmax,W')
 
-    def __getitem__(self, index) -> "RaggedResize":
+    def __getitem__(self, index) -> RaggedResize:
         """The resize of a subset of the canvas's images (index: rows of the canvas)."""
         subset = object.__new__(RaggedResize)
         subset.rows, subset.cols = self.rows[index], self.cols[index]

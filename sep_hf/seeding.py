@@ -51,6 +51,7 @@ def key_uniform(keys: torch.Tensor, salt: int) -> torch.Tensor:
 
 
 def key_choice(keys: torch.Tensor, salt: int, options: int) -> torch.Tensor:
+    """An int in [0, options) per key."""
     return ((splitmix64(keys * 7 + salt) >> 1) % options).long()
 
 
@@ -65,6 +66,7 @@ def key_normal_like(x: torch.Tensor, keys: torch.Tensor, salt: int) -> torch.Ten
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded by the integers ``parts`` (e.g. seed, epoch, step)."""
     seed = 0
     for part in parts:
         seed = (seed * 1_000_003 + int(part)) % (2**63)

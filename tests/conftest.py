@@ -159,8 +159,8 @@ def cifar_small():
 
 
 def tiny_source_config(**overrides):
-    from sep_hf.utils.presets import apply_preset
     from sep_hf.source.recipe import SourceTrainingConfig
+    from sep_hf.utils.presets import apply_preset
 
     config = SourceTrainingConfig(**{"epochs": 10, "num_checkpoints": 4, "batch_size": 25, "seed": 0, **overrides})
     apply_preset("cpu", config)

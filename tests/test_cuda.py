@@ -9,15 +9,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CIFAR10_DIR, files_containing, hub_repo_containing, run_recipe
 from huggingface_hub import HfApi
 
-from conftest import CIFAR10_DIR, files_containing, hub_repo_containing, run_recipe
-from sep_hf.data.view import DataArguments
-from sep_hf.data.images import quantize
 from sep_hf.arguments import RunArguments
-from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.data.images import quantize
+from sep_hf.data.view import DataArguments
 from sep_hf.protect import get_protection
-from sep_hf.protect.methods.cuda import KEY_ENV, CUDAArguments, CUDAConfig, CUDATransform, apply_cuda, cuda_filters, cuda_selected, key_fingerprint, resolve_cuda_key
+from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.protect.methods.cuda import (
+    KEY_ENV,
+    CUDAArguments,
+    CUDAConfig,
+    CUDATransform,
+    apply_cuda,
+    cuda_filters,
+    cuda_selected,
+    key_fingerprint,
+    resolve_cuda_key,
+)
 from sep_hf.source.recipe import SourceTrainingConfig
 
 KEY = 7319046285519377  # distinctive: its decimal string must never appear in a written file

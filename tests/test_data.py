@@ -7,12 +7,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_DIR
 from PIL import Image
 
-from conftest import CIFAR10_DIR
-from sep_hf.data.view import DataArguments, split_to_tensors
-from sep_hf.data.load import DatasetError, find_image_columns, load_image_dataset, resolve_dataset_name
 from sep_hf.data.images import images_to_uint8, quantize, tensor_to_png_images, uint8_to_float
+from sep_hf.data.load import DatasetError, find_image_columns, load_image_dataset, resolve_dataset_name
+from sep_hf.data.view import DataArguments, split_to_tensors
 
 
 def _images(n=6, size=(8, 8), seed=0):

@@ -9,21 +9,28 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import CIFAR10_DIR, run_recipe
 from huggingface_hub import DatasetCard
 from transformers import TrainingArguments
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from conftest import CIFAR10_DIR, run_recipe
-from sep_hf.victim import trainer as victims
-from sep_hf.publish.cards import add_victim_to_dataset_card, defense_label, protected_dataset_card
 from sep_hf.defenses import DEFENSES, build_defense, get_defense, list_defenses, register_defense
 from sep_hf.defenses.at import ATArguments, frozen_buffers
 from sep_hf.defenses.base import Defense
 from sep_hf.defenses.jpeg import JPEGArguments
 from sep_hf.defenses.rse import RSEArguments
-from sep_hf.squeezes import grayscale, jpeg
+from sep_hf.publish.cards import add_victim_to_dataset_card, defense_label, protected_dataset_card
 from sep_hf.source.augment import channel_stats
-from sep_hf.victim.trainer import TensorImageDataset, VictimCollator, VictimTrainer, VictimTrainingConfig, build_victim_model, train_victim
+from sep_hf.squeezes import grayscale, jpeg
+from sep_hf.victim import trainer as victims
+from sep_hf.victim.trainer import (
+    TensorImageDataset,
+    VictimCollator,
+    VictimTrainer,
+    VictimTrainingConfig,
+    build_victim_model,
+    train_victim,
+)
 
 
 def _trainer(tmp_path, model, config, mean, std, defense_args=(), **kwargs) -> VictimTrainer:
@@ -203,7 +210,7 @@ def test_rse_ensemble_beats_one_draw_in_trainer_evaluation(tmp_path):
     trainer.defense.wrap_model(model)  # no pretrained_cfg: noise in input units
     train = _batch(train_images, train_labels, mean, std)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for step in range(150):  # a tiny model trained with its noise, as RSE trains
+    for _step in range(150):  # a tiny model trained with its noise, as RSE trains
         index = torch.randint(0, 512, (64,), generator=generator)
         loss = F.cross_entropy(model(pixel_values=train["pixel_values"][index]).logits, train["labels"][index])
         optimizer.zero_grad()
@@ -289,8 +296,9 @@ def test_image_defenses_reach_training_inputs_only(defense, cifar_small, tmp_pat
 
 
 def test_train_victim_recipe_with_rse_writes_defense_settings(tmp_path):
-    import sep_hf.models  # noqa: F401
     from transformers import AutoModelForImageClassification
+
+    import sep_hf.models  # noqa: F401
 
     output_dir = tmp_path / "victim-rse"
     result = run_recipe("train_victim.py", [

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sep_hf.data.view import DataArguments
-from sep_hf.data.images import tensor_to_png_images
 from sep_hf.arguments import RunArguments
-from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.data.images import tensor_to_png_images
+from sep_hf.data.view import DataArguments
 from sep_hf.protect import get_protection
-from sep_hf.protect.methods import em as em_module
 from sep_hf.protect.base import load_shards, protect_split
+from sep_hf.protect.job import ProtectArguments, run_protection
+from sep_hf.protect.methods import em as em_module
 from sep_hf.protect.methods.em import EMArguments, EMConfig, EMTransform, fit_error_minimizing_noise, robust_loss
-from sep_hf.source.recipe import SourceTrainingConfig
 from sep_hf.seeding import seeded_generator
+from sep_hf.source.recipe import SourceTrainingConfig
 
 # A tiny problem: 16x16 images (4x cheaper than CIFAR's 32x32), the small net, a few iterations.
 TINY = dict(batch_size=64, chunk_size=256, crop_padding=2, lr_decay_every=1000)

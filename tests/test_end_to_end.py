@@ -7,9 +7,8 @@ import os
 import datasets
 import numpy as np
 import pytest
-from huggingface_hub import DatasetCard, HfApi, ModelCard
-
 from conftest import HUB_WRITE_TOKEN, files_containing, hub_repo_containing, run_recipe
+from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 TOY = ["--preset", "cpu", "--max_train_samples", 200, "--max_eval_samples", 50]
 
@@ -111,9 +110,10 @@ def test_victim_card_reports_clean_accuracy(victim, published):
 
 
 def test_victim_loads_with_auto_classes_and_reproduces_its_accuracy(victim):
-    import sep_hf.models  # noqa: F401
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    import sep_hf.models  # noqa: F401
 
     victim_id, output_dir, _ = victim
     model = AutoModelForImageClassification.from_pretrained(victim_id).eval()

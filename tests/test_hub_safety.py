@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import huggingface_hub.constants
 import pytest
+from conftest import HUB_READ_TOKEN
 from huggingface_hub import HfApi
 
-from conftest import HUB_READ_TOKEN
 from sep_hf.publish import hub
-from sep_hf.publish.hub import HubError, check_write_access, ensure_private_repo, ensure_repo, ensure_repo_visibility, repo_visibility
+from sep_hf.publish.hub import (
+    HubError,
+    check_write_access,
+    ensure_private_repo,
+    ensure_repo,
+    ensure_repo_visibility,
+    repo_visibility,
+)
 
 
 def _private(repo_id: str, repo_type: str = "model") -> bool:

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO_ROOT, launch_command
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import CIFAR10_DIR, CIFAR10_REPO_ID
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -25,7 +26,6 @@ from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, Rep
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import CIFAR10_DIR, CIFAR10_REPO_ID
 from sep_hf.testing.hub import LoopbackHub
 
 CIFAR10_TEST_SHARD = "data/test-00000-of-00001.parquet"

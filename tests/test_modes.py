@@ -14,15 +14,15 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_DIR
 from PIL import Image
 
-from conftest import CIFAR10_DIR
-from sep_hf.data.view import DataArguments
-from sep_hf.data.images import convert_mode, images_to_uint8, split_alpha, tensor_to_png_images
-from sep_hf.publish.folder import write_hub_layout
 from sep_hf.arguments import HubArguments, RunArguments
+from sep_hf.data.images import convert_mode, images_to_uint8, split_alpha, tensor_to_png_images
+from sep_hf.data.view import DataArguments
 from sep_hf.protect.job import ProtectArguments, run_protection
 from sep_hf.protect.methods.sep import SEPArguments
+from sep_hf.publish.folder import write_hub_layout
 from sep_hf.source.recipe import SourceTrainingConfig
 
 EPS = 8

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from sep_hf.victim import trainer as victims
 from sep_hf.defenses import build_defense, get_defense
-from sep_hf.victim.job import VictimArguments, mix_clean_rows
 from sep_hf.squeezes import bit_depth, gaussian_blur
+from sep_hf.victim import trainer as victims
+from sep_hf.victim.job import VictimArguments, mix_clean_rows
 from sep_hf.victim.trainer import VictimTrainingConfig, train_victim
 
 TINY = dict(model="smallnet_cifar", epochs=1, batch_size=50, learning_rate=0.01, momentum=0.9, nesterov=False,

@@ -15,19 +15,19 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_DIR, REPO_ROOT, SHARED_DIR, launch_command
 from huggingface_hub import HfApi
 from PIL import Image
 
-from conftest import CIFAR10_DIR, REPO_ROOT, SHARED_DIR, launch_command
-from sep_hf.data.view import DataArguments, load_training_data
-from sep_hf.data.load import DatasetError
-from sep_hf.data.images import decode_image
 from sep_hf.arguments import HubArguments, RunArguments
+from sep_hf.data.images import decode_image
+from sep_hf.data.load import DatasetError
+from sep_hf.data.view import DataArguments, load_training_data
 from sep_hf.protect.job import ProtectArguments, run_protection
 from sep_hf.protect.methods.cuda import CUDAArguments
 from sep_hf.protect.methods.sep import SEPArguments, present_targets
-from sep_hf.testing.photos import build_photo_folder
 from sep_hf.source.recipe import SourceTrainingConfig
+from sep_hf.testing.photos import build_photo_folder
 
 QA_INPUTS = SHARED_DIR / "qa" / "inputs"
 EPS = 8

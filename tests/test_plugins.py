@@ -12,7 +12,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import CIFAR10_DIR, REPO_ROOT
 
 PLUGIN = textwrap.dedent('''
@@ -124,10 +123,10 @@ def test_plugin_protection_and_defense_appear_in_help(plugin):
 def test_plugin_protection_crafts_and_states_itself_on_the_card(plugin, tmp_path, accelerator):
     import datasets
 
-    from sep_hf.data.view import DataArguments
     from sep_hf.arguments import RunArguments
-    from sep_hf.protect.job import ProtectArguments, run_protection
+    from sep_hf.data.view import DataArguments
     from sep_hf.protect import get_protection
+    from sep_hf.protect.job import ProtectArguments, run_protection
     from sep_hf.source.recipe import SourceTrainingConfig
 
     checker_arguments = get_protection("checker").arguments(checker_period=4)
@@ -144,9 +143,9 @@ def test_plugin_protection_crafts_and_states_itself_on_the_card(plugin, tmp_path
 
 
 def test_plugin_defense_trains_a_victim_and_reaches_its_card(plugin, tmp_path):
+    from sep_hf.arguments import HubArguments, RunArguments
     from sep_hf.data.view import DataArguments
     from sep_hf.defenses import get_defense
-    from sep_hf.arguments import HubArguments, RunArguments
     from sep_hf.victim.job import VictimArguments, run_victim
     from sep_hf.victim.trainer import VictimTrainingConfig
 

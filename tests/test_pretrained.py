@@ -10,8 +10,8 @@ from conftest import CIFAR10_DIR, REPO_ROOT, files_containing, run_recipe
 from safetensors.torch import load_file
 
 from sep_hf.models import build_model, pretrained_weights_name
-from sep_hf.testing.backbone import export_timm_backbone
 from sep_hf.source.recipe import parameter_groups
+from sep_hf.testing.backbone import export_timm_backbone
 from sep_hf.victim.trainer import VictimTrainingConfig, accuracy_by_class, build_victim_model
 
 SEEN = ["airplane", "automobile", "bird", "cat", "deer"]  # the backbone's classes: half of CIFAR-10's
@@ -32,8 +32,8 @@ def backbone_folder(tmp_path_factory, tiny_source_run):
 
 @pytest.fixture(scope="module")
 def backbone_repo(loopback_hub, backbone_folder):
-    from huggingface_hub import HfApi
     from conftest import make_unique_repo_id
+    from huggingface_hub import HfApi
 
     repo_id = make_unique_repo_id("cifar5-backbone")
     api = HfApi()

@@ -11,18 +11,18 @@ import time
 import datasets
 import numpy as np
 import pytest
-from transformers import HfArgumentParser
 import torch
+from conftest import REPO_ROOT, launch_command, run_recipe
 from huggingface_hub import HfApi
 from PIL import Image
+from transformers import HfArgumentParser
 
-from conftest import REPO_ROOT, launch_command, run_recipe
-from sep_hf.data.view import DataArguments
-from sep_hf.data.load import DatasetError
-from sep_hf.publish.hub import HubError
 from sep_hf.arguments import RunArguments
+from sep_hf.data.load import DatasetError
+from sep_hf.data.view import DataArguments
 from sep_hf.protect.job import ProtectArguments, run_protection
 from sep_hf.protect.methods.sep import SEPArguments
+from sep_hf.publish.hub import HubError
 from sep_hf.source.recipe import SourceTrainingConfig
 
 

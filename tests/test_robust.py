@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_recipe
+
 from sep_hf import squeezes
 from sep_hf.data.images import quantize
-from sep_hf.protect.eot import VIEWS, apply_views, lowpass_direction, parse_views
-from sep_hf.seeding import draw_keys
 from sep_hf.protect import get_protection
+from sep_hf.protect.eot import VIEWS, apply_views, lowpass_direction, parse_views
 from sep_hf.protect.methods.sep import SEPConfig, craft_sep
+from sep_hf.seeding import draw_keys
 
 ALL_VIEWS = ("jpeg", "grayscale", "blur", "bitdepth", "noise", "augment")
 
@@ -61,7 +61,7 @@ def test_every_view_changes_the_image_and_passes_a_finite_nonzero_gradient(real_
 
 def test_draws_depend_on_the_example_not_on_the_batch(real_images):
     x = real_images.float() / 255
-    keys = draw_keys(torch.arange(100, 164), seed=3, *())
+    keys = draw_keys(torch.arange(100, 164), 3)
     whole = apply_views(x, keys, ALL_VIEWS)
     halves = torch.cat([apply_views(x[:20], keys[:20], ALL_VIEWS), apply_views(x[20:], keys[20:], ALL_VIEWS)])
     assert torch.equal(whole, halves)
@@ -165,9 +165,10 @@ def _tiny(data, count=200):
 def test_source_trained_through_a_defense_uses_its_hooks(cifar_small, accelerator, tmp_path):
     """train_source --defense (a robust self-ensemble): the squeeze and the per-batch hook really run."""
     from conftest import tiny_source_config
-    from sep_hf.source.checkpoints import list_checkpoints
+
     from sep_hf.defenses import build_defense, defense_arguments
     from sep_hf.defenses.at import ATArguments
+    from sep_hf.source.checkpoints import list_checkpoints
     from sep_hf.source.train import train_source
 
     data = _tiny(cifar_small)
@@ -178,7 +179,7 @@ def test_source_trained_through_a_defense_uses_its_hooks(cifar_small, accelerato
         calls = []
         if name == "at":  # count the PGD batches the source loop asks the defense for
             original = defense.training_batch
-            defense.training_batch = lambda *args: calls.append(1) or original(*args)
+            defense.training_batch = lambda *args, calls=calls, original=original: calls.append(1) or original(*args)
         train_source(config, data, tmp_path / name, accelerator, defense=defense)
         checkpoint = list_checkpoints(tmp_path / name)[-1]
         assert checkpoint.record["training_config"]["defense"] == name

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sep_hf import SEPConfig, SEPTransform, craft_sep
+from sep_hf.budget import Budget
 from sep_hf.data.images import quantize, tensor_to_png_images
 from sep_hf.protect import get_protection, list_protections
-from sep_hf.protect.base import budget_clamp
 from sep_hf.protect.methods.sep import target_classes, vr_picks
 
 pytestmark = pytest.mark.usefixtures("tiny_ensemble")
@@ -55,7 +55,7 @@ def test_budget_holds_for_every_pixel_after_quantization(tiny_ensemble, batch, m
 def test_budget_clamp_handles_off_grid_eps_and_originals():
     original = torch.tensor([0.5 / 255, 10.5 / 255, 200 / 255]).view(1, 3, 1, 1)
     pushed = original + 2.9 / 255
-    clamped = budget_clamp(pushed, original, eps=2.5 / 255)
+    clamped = Budget.from_pixels(2.5 / 255).clamp(pushed, original)
     assert ((clamped * 255).round() - (original * 255).round()).abs().max() <= 2
 
 
@@ -98,7 +98,7 @@ def _reference_vr(images, labels, ensemble, config, means, own_means: bool):
         x0 = images[n : n + 1]
         x = x0.clone()
 
-        def grad(k, point, mean_k):
+        def grad(k, point, mean_k, n=n):
             point = point.clone().requires_grad_(True)
             loss = (ensemble.models[k].features(point) - means[mean_k][target[n : n + 1]]).pow(2).mean(1).sum()
             return torch.autograd.grad(loss, point)[0]
@@ -113,7 +113,7 @@ def _reference_vr(images, labels, ensemble, config, means, own_means: bool):
                 accumulated += grad(j, inner, j if own_means else K - 1) - (g[j] - mean_grad)
                 inner = torch.min(torch.max(inner - config.step_size * accumulated.sign(), x0 - config.eps), x0 + config.eps).clamp(0, 1)
             x = torch.min(torch.max(x - config.step_size * accumulated.sign(), x0 - config.eps), x0 + config.eps).clamp(0, 1)
-        out.append(budget_clamp(x, x0, config.eps))
+        out.append(Budget.from_pixels(config.eps).clamp(x, x0))
     return torch.cat(out)
 
 

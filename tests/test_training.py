@@ -9,14 +9,15 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT, launch_command, run_recipe
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, launch_command, run_recipe
 from sep_hf import CheckpointEnsemble, CheckpointError
+from sep_hf.source.augment import augment_crop_flip
 from sep_hf.source.checkpoints import evenly_spaced, list_checkpoints
 from sep_hf.source.recipe import SourceTrainingConfig
-from sep_hf.source.augment import augment_crop_flip
 
 # A few hundred images through the loopback Hub: 8 epochs, checkpoints at 2, 4, 6, 8.
 RECIPE_ARGS = ["--dataset", "cifar10", "--preset", "cpu", "--max_train_samples", 400, "--max_eval_samples", 100,
@@ -65,6 +66,7 @@ def _final_weights(output_dir):
 def eval_split():
     """The 100 clean test images the recipe runs evaluate on."""
     from conftest import CIFAR10_DIR
+
     from sep_hf.data.view import DataArguments, load_training_data
 
     data = load_training_data(DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=100, max_eval_samples=100))
@@ -174,7 +176,7 @@ def test_push_to_private_repo_then_resume_from_hub(loopback_hub, unique_repo_id,
             "checkpoints/epoch-002/record.json", "checkpoints/epoch-002/training_state.pt"} <= files
     card = ModelCard.load(repo_id)
     assert "| 4 |" in card.text and card.data.eval_results[0].metric_type == "accuracy"
-    with pytest.raises(Exception):
+    with pytest.raises(HfHubHTTPError):
         api.model_info(repo_id, token=False)  # private: invisible without a token
 
     ensemble = CheckpointEnsemble.from_pretrained(repo_id, num_models=2)

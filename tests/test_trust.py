@@ -21,18 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import CIFAR10_DIR, REPO_ROOT
 from PIL import Image
 
-from conftest import CIFAR10_DIR, REPO_ROOT
-from sep_hf.source.checkpoints import CheckpointError
-from sep_hf.data.view import DataArguments, load_training_data
-from sep_hf.data.load import DatasetError
-from sep_hf.publish.hub import HubError
 from sep_hf.arguments import RunArguments
+from sep_hf.data.load import DatasetError
+from sep_hf.data.view import DataArguments, load_training_data
 from sep_hf.protect.job import ProtectArguments, run_protection
 from sep_hf.protect.methods.sep import SEPArguments, SEPTransform
-from sep_hf.utils.presets import apply_preset
+from sep_hf.publish.hub import HubError
+from sep_hf.source.checkpoints import CheckpointError
 from sep_hf.source.recipe import SourceTrainingConfig
+from sep_hf.utils.presets import apply_preset
 
 NUM_TRAIN = 20
 

@@ -88,8 +88,8 @@ def test_sample_grid_shows_clean_protected_and_the_amplified_perturbation():
     import numpy as np
     from PIL import Image
 
-    from sep_hf.publish.cards import sample_grid_png
     from sep_hf.data.images import quantize
+    from sep_hf.publish.cards import sample_grid_png
 
     generator = torch.Generator().manual_seed(0)
     clean = torch.randint(8, 248, (3, 3, 4, 5), generator=generator).float() / 255

@@ -14,7 +14,7 @@ budget that holds on the float tensor still holds on the published image.
 from __future__ import annotations
 
 import io
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import datasets
 import numpy as np
@@ -205,6 +205,7 @@ def images_to_uint8(
 
 
 def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) -> float32 pixels in [0, 1]."""
     return images.float().div_(255.0)
 
 
@@ -247,6 +248,7 @@ def undecoded(split, columns: ImageColumns):
 
 
 def split_where(split) -> str:
+    """How an error names a split: ``split 'train'`` (or its name in the dataset)."""
     return f" of split '{split.split}'" if split.split is not None else ""
 
 

@@ -29,6 +29,8 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageColumns:
+    """The image and label columns of a dataset and its class names (ClassLabel order)."""
+
     image: str
     label: str
     class_names: tuple[str, ...]
@@ -45,7 +47,7 @@ class ImageDataset:
     name: str  # what the user asked for, e.g. "cifar10"
     dataset_id: str  # Hub repo id or absolute local path
     revision: str | None  # Hub commit sha the data was read at (None for local paths)
-    splits: "datasets.DatasetDict"  # noqa: F821
+    splits: datasets.DatasetDict  # noqa: F821
     columns: ImageColumns
 
     @property

@@ -10,8 +10,9 @@ the training split and the evaluation split (test | validation | a held-out part
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch

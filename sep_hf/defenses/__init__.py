@@ -27,10 +27,12 @@ register_defense = DEFENSES.register
 
 
 def get_defense(name: str) -> type:
+    """The registered defense class of ``name``; ValueError listing the defenses for an unknown one."""
     return DEFENSES.get(name)
 
 
 def list_defenses() -> list[str]:
+    """The names of every registered defense, sorted."""
     return DEFENSES.names()
 
 

@@ -63,6 +63,8 @@ def frozen_buffers(model: nn.Module):
 
 @register_defense("at")
 class AdversarialTraining(Defense):
+    """``--defense at``: trains on PGD examples of radius ``--at_eps`` / 255 (Madry et al., ICLR 2018)."""
+
     arguments = ATArguments
 
     def __init__(self, arguments: ATArguments):

@@ -43,6 +43,8 @@ class AugmentArguments:
 
 @register_defense("augment")
 class StrongAugmentation(Defense):
+    """``--defense augment``: a random augmentation policy per image, then mixup or cutmix (UEraser-style)."""
+
     arguments = AugmentArguments
 
     def __init__(self, arguments: AugmentArguments):

@@ -29,6 +29,8 @@ class BitDepthArguments:
 
 @register_defense("bitdepth")
 class BitDepth(Defense):
+    """``--defense bitdepth``: training images keep ``--bitdepth_bits`` bits per channel (ISS, ICML 2023)."""
+
     arguments = BitDepthArguments
 
     def prepare_training_images(self, images):

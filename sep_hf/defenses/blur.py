@@ -29,6 +29,8 @@ class BlurArguments:
 
 @register_defense("blur")
 class Blur(Defense):
+    """``--defense blur``: training images low-pass filtered by a Gaussian of ``--blur_sigma`` pixels."""
+
     arguments = BlurArguments
 
     def prepare_training_images(self, images):

@@ -15,6 +15,8 @@ __all__ = ["Grayscale"]
 
 @register_defense("grayscale")
 class Grayscale(Defense):
+    """``--defense grayscale``: training images as PIL's luma on 3 channels (ISS, ICML 2023)."""
+
     def prepare_training_images(self, images):
         return grayscale(images)
 

@@ -31,6 +31,8 @@ class JPEGArguments:
 
 @register_defense("jpeg")
 class JPEGRecompression(Defense):
+    """``--defense jpeg``: training images recompressed by libjpeg at ``--jpeg_quality`` (ISS, ICML 2023)."""
+
     arguments = JPEGArguments
 
     def prepare_training_images(self, images):

@@ -74,6 +74,7 @@ class RSENoise:
 
 
 def add_rse_noise(model: nn.Module, init_std: float = 0.2, inner_std: float = 0.1, input_std=None) -> RSENoise:
+    """Hooks RSE's Gaussian noise before every convolution of ``model`` (std in pixel / activation units)."""
     return RSENoise(model, init_std, inner_std, input_std)
 
 
@@ -86,6 +87,8 @@ def ensemble_log_probs(model, pixel_values: torch.Tensor, draws: int) -> torch.T
 
 @register_defense("rse")
 class RandomSelfEnsemble(Defense):
+    """``--defense rse``: noise before every convolution, softmaxes summed over draws (Liu et al., ECCV 2018)."""
+
     arguments = RSEArguments
 
     def __init__(self, arguments: RSEArguments):

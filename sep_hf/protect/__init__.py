@@ -22,7 +22,7 @@ and ``--method x`` appears in ``recipes/protect.py --help``, on the card and in 
 from __future__ import annotations
 
 from dataclasses import fields
-from functools import lru_cache
+from functools import cache
 
 from sep_hf.protect.compose import composed
 from sep_hf.utils.registry import Registry
@@ -42,12 +42,13 @@ def get_protection(name: str) -> type:
     return _composition(name) if "+" in name else PROTECTIONS.get(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _composition(name: str) -> type:
     return composed(name, PROTECTIONS.get)  # one class per name: its fingerprint and describe() stay stable
 
 
 def list_protections() -> list[str]:
+    """The names of every registered protection, sorted (compositions ``a+b`` are not listed)."""
     return PROTECTIONS.names()
 
 

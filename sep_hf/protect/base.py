@@ -29,10 +29,10 @@ from typing import ClassVar
 import datasets
 import torch
 
+from sep_hf.budget import Budget
 from sep_hf.data.images import (
     decode_batch,
     decode_image,
-    quantize,
     split_alpha,
     tensor_to_png_images,
     uint8_to_float,
@@ -41,7 +41,7 @@ from sep_hf.data.images import (
 from sep_hf.utils.logging import get_logger
 
 __all__ = ["ProtectionTransform", "perturbation_stats", "protect_split", "load_shards", "split_summary",
-           "budget_clamp", "config_hash", "STATS_FEATURES", "SEP_PAPER"]
+           "config_hash", "STATS_FEATURES", "SEP_PAPER"]
 
 logger = get_logger(__name__)
 
@@ -53,20 +53,6 @@ SEP_PAPER = {"title": "Self-Ensemble Protection: Training Checkpoints Are Good D
 def config_hash(*parts) -> str:
     """Stable hash of JSON-able parts (configs as dicts, content hashes): no dill, no models."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def budget_clamp(protected: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
-    """Quantize by rounding and enforce |x' - x| <= eps on the uint8 grid, for every pixel.
-
-    Rounding alone can cross the budget when eps is not a multiple of 1/255 or when the original
-    is off the 1/255 grid, so the rounded levels are clamped to the largest admissible integer
-    distance from the (rounded) original.
-    """
-    levels = math.floor(eps * 255 + 1e-4)
-    base = quantize(original).to(torch.int16)
-    out = quantize(protected).to(torch.int16)
-    out = torch.minimum(torch.maximum(out, base - levels), base + levels).clamp_(0, 255)
-    return out.to(torch.uint8).float().div_(255.0)
 
 
 def perturbation_stats(original: torch.Tensor, protected: torch.Tensor) -> dict[str, list]:
@@ -105,7 +91,7 @@ class ProtectionTransform:
         return {klass.__dict__["arguments"] for klass in cls.__mro__ if klass.__dict__.get("arguments")}
 
     @classmethod
-    def from_arguments(cls, context) -> "ProtectionTransform":
+    def from_arguments(cls, context) -> ProtectionTransform:
         """Build the transform for a protect.py run from a ``sep_hf.protect.job.ProtectionContext``."""
         raise NotImplementedError
 
@@ -126,7 +112,7 @@ class ProtectionTransform:
         config = getattr(self, "config", None)
 
         return {"config": asdict(config) if is_dataclass(config) else {},
-                "eps": round(self.eps * 255) if self.eps is not None else None, "paper": self.paper}
+                "eps": Budget.from_pixels(self.eps).levels if self.eps is not None else None, "paper": self.paper}
 
     def card_lines(self, results: dict) -> list[str]:
         """Markdown bullet lines that state the method and its budget on the dataset card."""
@@ -299,6 +285,7 @@ def _finished(path: Path) -> bool:
 
 def load_shards(paths: list[Path]):
 
+    """The crafted Arrow shards of a split, concatenated in row order (memory-mapped)."""
     missing = [str(path) for path in paths if not Path(path).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) were not crafted: {missing[:3]}...")

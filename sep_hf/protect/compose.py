@@ -10,10 +10,11 @@ the blurred image towards another class's features within eps of it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from sep_hf.budget import Budget
 from sep_hf.protect.base import ProtectionTransform, config_hash
 
 __all__ = ["ComposedProtection", "composed"]
@@ -40,7 +41,7 @@ class ComposedProtection(ProtectionTransform):
         return set().union(*(part.argument_classes() for part in cls.part_classes))
 
     @classmethod
-    def from_arguments(cls, context, name: str) -> "ComposedProtection":
+    def from_arguments(cls, context, name: str) -> ComposedProtection:
         parts = [part.from_arguments(context, name) for part, name in zip(cls.part_classes, cls.part_names)]
         return cls(parts, context.columns.image, context.columns.label, return_stats=True)
 
@@ -49,9 +50,9 @@ class ComposedProtection(ProtectionTransform):
             protected = part.protect(images, labels, indices).to(images.device)
             if part.eps is not None:
                 levels = ((protected - images).abs().amax() * 255).round().item() if images.numel() else 0
-                if levels > round(part.eps * 255):
-                    raise AssertionError(f"{part.name} changed a pixel by {levels:g}/255, beyond its budget "
-                                         f"{round(part.eps * 255)}/255.")
+                budget = Budget.from_pixels(part.eps)
+                if levels > budget.levels:
+                    raise AssertionError(f"{part.name} changed a pixel by {levels:g}/255, beyond its budget {budget}.")
             images = protected
         return images
 

@@ -43,6 +43,7 @@ def _default_cache_dir() -> Path:
 
 
 def tensor_hash(*tensors: torch.Tensor) -> str:
+    """A short sha256 of tensors' bytes (cache keys of class means)."""
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
@@ -100,7 +101,7 @@ class CheckpointEnsemble(nn.Module):
         num_models: int | None = None,
         revision: str | None = None,
         device="cpu",
-    ) -> "CheckpointEnsemble":
+    ) -> CheckpointEnsemble:
         """Load ``num_models`` evenly spaced checkpoints (all if None) from a run directory or Hub repo.
 
         A local ``train_source.py`` output directory (or its ``checkpoints/`` folder) is read in place;
@@ -202,7 +203,7 @@ class CheckpointEnsemble(nn.Module):
 
     forward = logits
 
-    def rows(self, index) -> "CheckpointEnsemble":
+    def rows(self, index) -> CheckpointEnsemble:
         """The ensemble as a subset of a batch sees it: the same models (``protections.sep`` gives images
         of different sizes their own input resize, which follows the rows)."""
         return self

@@ -21,7 +21,6 @@ checkpoints), so adding a method touches its own module only.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from huggingface_hub import DatasetCard
 from huggingface_hub.errors import HfHubHTTPError
 
 from sep_hf.arguments import RESULTS_FILE, HubArguments, RunArguments
+from sep_hf.budget import Budget
 from sep_hf.data.images import decode_batch, uint8_to_float, undecoded, union_mode
 from sep_hf.data.load import DatasetError, ImageDataset, public_name
 from sep_hf.data.view import (
@@ -67,7 +67,6 @@ logger = get_logger(__name__)
 GRID_FILE = "sample_grid.png"
 DATASET_DIR = "dataset"
 GRID_IMAGES = 8
-DEFAULT_EPS = 8
 # A protected split whose mean |delta| is below this fraction of the budget is not published.
 MIN_PERTURBATION = 0.1
 
@@ -96,17 +95,15 @@ class ProtectArguments:
 
     def __post_init__(self):
         get_protection(self.method)  # raises, listing the registered methods
-        if self.eps is not None and not 0 < self.eps <= 255:
-            raise ValueError(f"--eps is in 1/255 units and must be in (0, 255]; got {self.eps}.")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cifar10-sep).")
         if self.push_to_hub and self.hub_source_model_id is None:
             self.hub_source_model_id = f"{self.hub_dataset_id}-source"
 
     @property
-    def budget_levels(self) -> int:
-        """The budget actually applied: whole 1/255 levels (pixels are published as uint8)."""
-        return math.floor((self.eps if self.eps is not None else DEFAULT_EPS) + 1e-6)
+    def budget(self) -> Budget:
+        """The budget actually applied (whole 1/255 levels; ValueError below one level)."""
+        return Budget.from_eps(self.eps)
 
 
 @dataclass
@@ -135,8 +132,13 @@ class ProtectionContext:
         return self.dataset.columns
 
     @property
+    def budget(self) -> Budget:
+        return self.args.budget
+
+    @property
     def eps(self) -> float:
-        return self.args.budget_levels / 255
+        """The budget in [0, 1] pixel units, what methods' configs take."""
+        return self.budget.pixels
 
     @property
     def seed(self) -> int:
@@ -277,11 +279,9 @@ def _check_budget(args: ProtectArguments, transform_cls: type) -> None:
         if args.eps is not None:
             raise ValueError(f"--method {args.method} has no L-inf budget: drop --eps.")
         return
-    if args.budget_levels < 1:
-        raise ValueError(f"--eps {args.eps:g} is below one 1/255 level: pixels are published as uint8, so the "
-                         "protection would change nothing. Use --eps 1 or more (2, 4, 8).")
-    if args.eps is not None and args.eps != args.budget_levels:
-        logger.warning("--eps %g is applied as %d/255: budgets are whole 1/255 levels.", args.eps, args.budget_levels)
+    budget = args.budget  # raises below one level
+    if args.eps is not None and args.eps != budget.levels:
+        logger.warning("--eps %g is applied as %s: budgets are whole 1/255 levels.", args.eps, budget)
 
 
 def _check_perturbed(name: str, summary: dict, transform) -> None:

@@ -275,7 +275,8 @@ def _pretraining_lines(results: dict) -> str:
     lines = f"- appropriator: {TRAINING_MODES[mode].format(scale=scale)}, from `{results['model']}`\n"
     if results.get("pretraining_seen_classes") is not None:
         seen, unseen = results.get("eval_accuracy_seen_classes"), results.get("eval_accuracy_unseen_classes")
-        fmt = lambda value: "-" if value is None else f"{value:.4f}"
+        def fmt(value):
+            return "-" if value is None else f"{value:.4f}"
         lines += (f"- on classes the backbone was pretrained on ({', '.join(results['pretraining_seen_classes']) or 'none'}): "
                   f"**{fmt(seen)}**; on the others: **{fmt(unseen)}**\n")
     return lines

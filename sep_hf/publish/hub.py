@@ -44,6 +44,7 @@ def _api() -> HfApi:
 
 
 def repo_commit_sha(repo_id: str, repo_type: str = "model", revision: str | None = None) -> str:
+    """The commit sha of ``revision`` (default branch if None); HubError when the repo cannot be read."""
     try:
         return _api().repo_info(repo_id, repo_type=repo_type, revision=revision).sha
     except RepositoryNotFoundError as err:
@@ -53,10 +54,12 @@ def repo_commit_sha(repo_id: str, repo_type: str = "model", revision: str | None
 
 
 def dataset_commit_sha(repo_id: str, revision: str | None = None) -> str:
+    """``repo_commit_sha`` of a dataset repo."""
     return repo_commit_sha(repo_id, "dataset", revision)
 
 
 def repo_exists(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether the repo exists and is readable with the current token."""
     return _api().repo_exists(repo_id, repo_type=repo_type)
 
 
@@ -267,6 +270,10 @@ def download_repo(
     allow_patterns: list[str] | str | None = None,
     local_dir: str | Path | None = None,
 ) -> Path:
+    """Files of a repo (all, or those matching ``allow_patterns``) in the cache or ``local_dir``; returns the folder.
+
+    Raises HubError for a repo or revision that does not exist or is not visible with the token.
+    """
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns,
                                       local_dir=local_dir))
@@ -289,6 +296,7 @@ def upload_folder(repo_id: str, folder: str | Path, repo_type: str = "dataset", 
 
 def load_card(repo_id: str, repo_type: str = "dataset"):
 
+    """The card (README.md) of a repo; HubError when it cannot be read."""
     cls = DatasetCard if repo_type == "dataset" else ModelCard
     try:
         return cls.load(repo_id, repo_type=repo_type)
@@ -297,6 +305,7 @@ def load_card(repo_id: str, repo_type: str = "dataset"):
 
 
 def push_card(card, repo_id: str, repo_type: str = "dataset", message: str = "Update card") -> None:
+    """Commit ``card`` as the repo's README.md."""
     try:
         card.push_to_hub(repo_id, repo_type=repo_type, commit_message=message)
     except HfHubHTTPError as err:
@@ -304,6 +313,7 @@ def push_card(card, repo_id: str, repo_type: str = "dataset", message: str = "Up
 
 
 def repo_files(repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:
+    """The paths of every file in a repo at ``revision``."""
     return _api().list_repo_files(repo_id, repo_type=repo_type, revision=revision)
 
 

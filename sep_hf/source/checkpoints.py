@@ -40,6 +40,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dirname(epoch: int) -> str:
+    """``epoch-004``: the folder of an epoch's checkpoint (three digits at least, so names sort)."""
     return f"epoch-{epoch:03d}"
 
 
@@ -53,6 +54,8 @@ def _sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """One checkpoint folder: its path, epoch and record (record.json with the sha256 of every file)."""
+
     path: Path
     record: dict
 
@@ -73,7 +76,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} has no {STATE_FILE}; it cannot be resumed from.")
         return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
 
-    def verify(self, names: list[str] | None = None) -> "Checkpoint":
+    def verify(self, names: list[str] | None = None) -> Checkpoint:
         """Check the sha256 of ``names`` (default: every file the record lists)."""
         files = self.record.get("files", {})
         for name in names if names is not None else list(files):

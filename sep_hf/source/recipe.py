@@ -8,8 +8,9 @@ kept for the self-ensemble). Presets (``paper``, ``cpu``) live beside each confi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -112,6 +113,7 @@ def parameter_groups(timm_model: torch.nn.Module, recipe: TrainingRecipe, linear
 
 
 def lr_lambda(config: TrainingRecipe, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate factor per optimizer step: linear warm-up, then the recipe's decay (``LambdaLR``)."""
     warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
     if config.warmup_epochs > 0:  # a small dataset's epoch is a few steps: too short a warm-up diverges
         warmup = max(warmup, min(MIN_WARMUP_STEPS, config.epochs * steps_per_epoch // 2))

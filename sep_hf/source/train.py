@@ -8,10 +8,10 @@ slice), and a run resumed from a checkpoint replays exactly what an uninterrupte
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

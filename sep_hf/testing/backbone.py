@@ -10,8 +10,8 @@ exactly as a public checkpoint: ``timm.create_model("hf-hub:org/name", pretraine
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from sep_hf.models import ImageClassifier, model_from_config
 from sep_hf.source.checkpoints import list_checkpoints

@@ -467,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def base_url(self) -> str:
         # Echo the host the client used: RepoUrl rejects 127.0.0.1 when HF_ENDPOINT says localhost.
-        return f"http://{self.headers.get('Host') or '%s:%s' % self.server.server_address[:2]}"
+        return f"http://{self.headers.get('Host') or '{}:{}'.format(*self.server.server_address[:2])}"
 
     def repo_url(self, repo: dict) -> str:
         return f"{self.base_url}/{URL_PREFIX[repo['type']]}{repo['id']}"
@@ -774,7 +774,7 @@ class LoopbackHub:
         """Proof, embedded in LFS upload hrefs, that the batch call for ``oid`` had write access."""
         return hmac.new(self._secret, oid.encode(), "sha256").hexdigest()[:32]
 
-    def start(self) -> "LoopbackHub":
+    def start(self) -> LoopbackHub:
         self.store = Store(self.root, self.datasets)
         self._server = ThreadingHTTPServer((self.host, self.port), _Handler)
         self._server.app = self
@@ -790,7 +790,7 @@ class LoopbackHub:
             self._thread.join()
             self._server = self._thread = None
 
-    def __enter__(self) -> "LoopbackHub":
+    def __enter__(self) -> LoopbackHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:

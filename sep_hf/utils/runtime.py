@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -15,10 +15,11 @@ BF16_ENV = "SEP_HF_BF16"  # "0" disables bf16 everywhere: the fp32 path of a CPU
 
 
 def bf16_allowed() -> bool:
+    """False when ``SEP_HF_BF16=0`` (the fp32 path, standing in for a CPU without fast bf16)."""
     return os.environ.get(BF16_ENV, "1").strip().lower() not in ("0", "false", "no")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cpu_has_fast_bf16() -> bool:
     if not bf16_allowed():
         return False
@@ -37,6 +38,7 @@ def fast_bf16(device: torch.device | str) -> bool:
 
 
 def autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast on ``device`` where it runs fast (``fast_bf16``), else a no-op context."""
     device = torch.device(device)
     if enabled and fast_bf16(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)

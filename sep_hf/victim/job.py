@@ -31,6 +31,8 @@ __all__ = ["VictimArguments", "run_victim", "mix_clean_rows"]
 
 @dataclass
 class VictimArguments:
+    """The victim run's reporting and partial-protection flags (not hyperparameters: those are the recipe's)."""
+
     update_dataset_card: bool = field(default=False, metadata={"help": "Add this victim's accuracy to --dataset's card."})
     clean_reference_accuracy: float | None = field(default=None, metadata={"help": "Accuracy of the same recipe on clean data, for the card."})
     clean_dataset: str | None = field(default=None, metadata={"help": "Partial protection: the clean originals of --dataset (same rows and classes) to mix in."})

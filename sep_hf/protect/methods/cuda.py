@@ -232,7 +232,7 @@ class CUDATransform(ProtectionTransform):
                 "budget": "a private class-wise convolution, not a norm-bounded perturbation; --eps does not apply"}
 
     @classmethod
-    def from_arguments(cls, context, name: str = "cuda") -> "CUDATransform":
+    def from_arguments(cls, context, name: str = "cuda") -> CUDATransform:
         arguments = context.arguments(CUDAArguments)
         key = resolve_cuda_key(arguments)
         return cls(key, context.columns.num_classes, arguments.config(), image_column=context.columns.image,

@@ -27,7 +27,7 @@ Step sizes default to 2 eps / steps: EM's 0.8/255 for 20 steps and REM's rho/5 f
 All randomness comes from generators seeded by (seed, iteration, ...), and the whole fitting state
 (delta, model, optimizer, iteration, phase) is saved atomically under ``state_dir`` every
 ``save_every`` seconds, so a killed fit resumes to exactly what an uninterrupted one gives.
-The result is rounded to uint8 levels within eps for every pixel (``budget_clamp``).
+The result is rounded to uint8 levels within eps for every pixel (``Budget.clamp``).
 
 Example::
 
@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.attacks import input_gradient, pgd, uniform_start
+from sep_hf.budget import Budget
 from sep_hf.data.images import quantize, uint8_to_float
 from sep_hf.models import build_model
 from sep_hf.protect import register_protection
-from sep_hf.protect.base import ProtectionTransform, budget_clamp, config_hash
+from sep_hf.protect.base import ProtectionTransform, config_hash
 from sep_hf.protect.ensemble import tensor_hash
 from sep_hf.seeding import seeded_generator
 from sep_hf.source.augment import augment_crop_flip, channel_stats
@@ -351,7 +352,7 @@ class _Fitter:
 
     def result(self) -> NoiseFit:
         clean = self.x.cpu()
-        levels = quantize(budget_clamp(clean + self.delta.cpu(), clean, self.config.eps)).short() - quantize(clean).short()
+        levels = quantize(Budget.from_pixels(self.config.eps).clamp(clean + self.delta.cpu(), clean)).short() - quantize(clean).short()
         return NoiseFit(levels.to(torch.int8), self.model, self.iteration, self.accuracy, list(self.history),
                         self.done, self.seconds)
 
@@ -500,7 +501,7 @@ class EMTransform(ProtectionTransform):
         }
 
     @classmethod
-    def from_arguments(cls, context, name: str) -> "EMTransform":
+    def from_arguments(cls, context, name: str) -> EMTransform:
         train_split = context.data_args.train_split
         if context.args.protect_splits and set(context.args.protect_splits) != {train_split}:
             raise ValueError(f"{name} noise is fitted on the training split only; "

@@ -53,6 +53,8 @@ class RobustArguments:
 
 @register_protection("sep-robust")
 class SEPRobustTransform(SEPTransform):
+    """``--method sep-robust``: SEP crafted through the appropriator's squeezes (EOT) in a low-pass space."""
+
     arguments = RobustArguments
 
     @classmethod

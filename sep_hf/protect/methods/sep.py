@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from sep_hf.attacks import pgd, sign_step
+from sep_hf.budget import Budget
 from sep_hf.data.load import public_name
 from sep_hf.models import RaggedResize, resize_to_model
 from sep_hf.protect import register_protection
-from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, budget_clamp, config_hash
+from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, config_hash
 from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
 from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
 from sep_hf.seeding import draw_keys, splitmix64
@@ -225,7 +226,7 @@ class _ViewedEnsemble:
         self.ensemble, self.view = ensemble, view
         self.models = [_ViewedModel(model, view) for model in ensemble.models]
 
-    def rows(self, index) -> "_ViewedEnsemble":
+    def rows(self, index) -> _ViewedEnsemble:
         """The ensemble as seen by a subset of the images (their own resizes)."""
         return _ViewedEnsemble(self.ensemble, self.view[index])
 
@@ -296,7 +297,7 @@ def craft_sep(
     if config.classwise_share > 0:
         center, eps = classwise_shift(original, labels, ensemble.num_classes, config)
     protected = pgd(direction, center, eps, config.step_size, config.steps) if eps > 0 else center
-    return budget_clamp(protected, original, config.eps)
+    return Budget.from_pixels(config.eps).clamp(protected, original)
 
 
 def classwise_levels(config: SEPConfig) -> int:
@@ -366,7 +367,7 @@ class SEPTransform(ProtectionTransform):
                          vr_steps=args.vr_steps, seed=context.seed, bf16=context.bf16)
 
     @classmethod
-    def from_arguments(cls, context, name: str) -> "SEPTransform":
+    def from_arguments(cls, context, name: str) -> SEPTransform:
         args = context.arguments(SEPArguments)
         config = cls.config_from(context, name)
         num_models = args.num_models

@@ -23,6 +23,8 @@ Example:
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Accuracy(evaluate.Metric):
+    """Accuracy = mean(predictions == references), the Hub's ``accuracy`` metric shipped offline."""
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
