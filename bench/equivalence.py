@@ -1,13 +1,14 @@
 """Same output before and after a change: source checkpoints and protected images, bit for bit.
 
-    python bench/equivalence.py --base 575e920          # the commit before the one-contract refactor
+    python bench/equivalence.py --base 84eded0          # the commit before the stage-per-subpackage redesign
 
 Checks out ``--base`` into a temporary worktree and runs the same small jobs with both trees on
-this machine: a source run (2,000 images, 2 epochs, fp32 via SEP_HF_BF16=0) and SEP-FA-VR
-crafting of 200 images with the base tree's checkpoints, in bf16 (the base tree has no fp32
-switch for crafting) and, for the current tree only, in fp32. Writes
-bench/results/equivalence.{json,md}: the sha256 of every checkpoint and parquet file and the
-number of identical images.
+this machine: a source run (2,000 images, 2 epochs, fp32 via SEP_HF_BF16=0), SEP-FA-VR crafting of
+200 images with the base tree's checkpoints, in bf16 (the base tree has no fp32 switch for
+crafting) and, for the current tree only, in fp32, and victims (1,000 clean images, 1 epoch, fp32)
+trained with ``--defense none`` and ``--defense grayscale``. Writes bench/results/equivalence.{json,md}:
+the sha256 of every checkpoint, parquet and victim weights file, the number of identical images, and
+the victims' accuracies.
 """
 
 import argparse
@@ -19,9 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO_ROOT, SHARED_CIFAR10, markdown_table, write_results
+from common import REPO_ROOT, SHARED_CIFAR10, markdown_table, read_json, write_results
 
 from sep_hf.utils.runtime import fast_bf16
+
+VICTIM_DEFENSES = ("none", "grayscale")
 
 
 def run(tree: Path, recipe: str, args: list, env: dict) -> None:
@@ -46,7 +49,7 @@ def images(folder: Path) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="575e920", help="The revision to compare with.")
+    parser.add_argument("--base", default="84eded0", help="The revision to compare with.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="equivalence-"))
     base_tree = work / "base"
@@ -57,12 +60,21 @@ def main():
     protect = ["--dataset", SHARED_CIFAR10, "--preset", "cpu", "--max_train_samples", 200, "--max_eval_samples", 100,
                "--checkpoints", work / "base-source", "--method", "sep-fa-vr", "--steps", 3, "--num_models", 2,
                "--splits", "train"]
+    victim = ["--dataset", SHARED_CIFAR10, "--preset", "cpu", "--max_train_samples", 1000, "--max_eval_samples", 500,
+              "--epochs", 1, "--mixed_precision", "no"]
     try:
         for name, tree in trees.items():
             run(tree, "train_source.py", [*source, "--output_dir", work / f"{name}-source"], {"SEP_HF_BF16": "0"})
             run(tree, "protect.py", [*protect, "--output_dir", work / f"{name}-bf16"], {})
         run(REPO_ROOT, "protect.py", [*protect, "--mixed_precision", "no", "--output_dir", work / "current-fp32"],
             {"SEP_HF_BF16": "0"})
+        for name, tree in trees.items():
+            for defense in VICTIM_DEFENSES:
+                run(tree, "train_victim.py", [*victim, "--defense", defense, "--output_dir", work / f"{name}-victim-{defense}"],
+                    {"SEP_HF_BF16": "0"})
+        victims = {name: {defense: {"weights_sha256": sha256(work / f"{name}-victim-{defense}" / "model" / "model.safetensors"),
+                                    "eval_accuracy": read_json(work / f"{name}-victim-{defense}" / "results.json")["eval_accuracy"]}
+                          for defense in VICTIM_DEFENSES} for name in trees}
         checkpoints = {name: [sha256(p) for p in sorted((work / f"{name}-source").glob("checkpoints/*/model.safetensors"))]
                        for name in trees}
         crafted = {name: images(work / f"{name}-bf16") for name in trees}
@@ -78,12 +90,17 @@ def main():
              "parquet identical" if parquet["base"] == parquet["current"] else "parquet differs"],
             ["SEP-FA-VR images, current fp32 vs base bf16 " + ("(the switch works: they differ)" if fast_bf16("cpu") else
              "(no fast bf16 on this CPU: both ran fp32)"), f"{same_fp32} / {len(fp32)} identical", "-"]]
+    for defense in VICTIM_DEFENSES:
+        base, current = victims["base"][defense], victims["current"][defense]
+        rows.append([f"victim weights, --defense {defense} (fp32, 1 epoch)",
+                     "identical" if base["weights_sha256"] == current["weights_sha256"] else "DIFFERENT",
+                     f"accuracy {base['eval_accuracy']:.4f} vs {current['eval_accuracy']:.4f}"])
     table = markdown_table(["output", "base vs current", "detail"], rows)
     write_results("equivalence", {"base": args.base, "current": subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip(),
         "checkpoint_sha256": checkpoints, "parquet_sha256": parquet, "identical_images_bf16": same_bf16,
         "identical_images_fp32_vs_base_bf16": same_fp32, "images": len(fp32), "bf16_fast_here": fast_bf16("cpu"),
-        "commands": {"source": source, "protect": protect}}, table)
+        "victims": victims, "commands": {"source": source, "protect": protect, "victim": victim}}, table)
 
 
 if __name__ == "__main__":

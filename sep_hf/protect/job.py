@@ -95,6 +95,8 @@ class ProtectArguments:
 
     def __post_init__(self):
         get_protection(self.method)  # raises, listing the registered methods
+        if self.eps is not None and not 0 < self.eps <= 255:
+            Budget.from_eps(self.eps)  # raises now, at parsing (below one level is the method's question: _check_budget)
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cifar10-sep).")
         if self.push_to_hub and self.hub_source_model_id is None:
