@@ -5,7 +5,7 @@
 Checks out ``--base`` into a temporary worktree and runs the same small jobs with both trees on
 this machine: a source run (2,000 images, 2 epochs, fp32 via SEP_HF_BF16=0), SEP-FA-VR crafting of
 200 images with the base tree's checkpoints, in bf16 (the base tree has no fp32 switch for
-crafting) and, for the current tree only, in fp32, and victims (1,000 clean images, 1 epoch, fp32)
+crafting) and, for the current tree only, in fp32, and victims (2,000 clean images, 4 epochs, fp32)
 trained with ``--defense none`` and ``--defense grayscale``. Writes bench/results/equivalence.{json,md}:
 the sha256 of every checkpoint, parquet and victim weights file, the number of identical images, and
 the victims' accuracies.
@@ -60,8 +60,8 @@ def main():
     protect = ["--dataset", SHARED_CIFAR10, "--preset", "cpu", "--max_train_samples", 200, "--max_eval_samples", 100,
                "--checkpoints", work / "base-source", "--method", "sep-fa-vr", "--steps", 3, "--num_models", 2,
                "--splits", "train"]
-    victim = ["--dataset", SHARED_CIFAR10, "--preset", "cpu", "--max_train_samples", 1000, "--max_eval_samples", 500,
-              "--epochs", 1, "--mixed_precision", "no"]
+    victim = ["--dataset", SHARED_CIFAR10, "--preset", "cpu", "--max_train_samples", 2000, "--max_eval_samples", 1000,
+              "--epochs", 4, "--mixed_precision", "no"]
     try:
         for name, tree in trees.items():
             run(tree, "train_source.py", [*source, "--output_dir", work / f"{name}-source"], {"SEP_HF_BF16": "0"})
@@ -92,7 +92,7 @@ def main():
              "(no fast bf16 on this CPU: both ran fp32)"), f"{same_fp32} / {len(fp32)} identical", "-"]]
     for defense in VICTIM_DEFENSES:
         base, current = victims["base"][defense], victims["current"][defense]
-        rows.append([f"victim weights, --defense {defense} (fp32, 1 epoch)",
+        rows.append([f"victim weights, --defense {defense} (fp32, 4 epochs)",
                      "identical" if base["weights_sha256"] == current["weights_sha256"] else "DIFFERENT",
                      f"accuracy {base['eval_accuracy']:.4f} vs {current['eval_accuracy']:.4f}"])
     table = markdown_table(["output", "base vs current", "detail"], rows)

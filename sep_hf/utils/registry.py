@@ -1,7 +1,7 @@
 """Registries of plug-ins (protections, defenses): a module registers its class by decorator.
 
 A ``Registry`` is bound to a package; the first lookup imports every module of that package
-(``pkgutil``), so adding ``sep_hf/protections/x.py`` or ``sep_hf/defenses/x.py`` is the whole
+(``pkgutil``), so adding ``sep_hf/protect/methods/x.py`` or ``sep_hf/defenses/x.py`` is the whole
 change: nothing lists module names. Modules outside the package register the same way when the
 environment variable ``SEP_HF_PLUGINS`` names them (comma-separated import paths).
 """
