@@ -62,8 +62,10 @@ def test_results_and_schema(one_process):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_bytes(one_process, tiny_source_run, tmp_path):
-    result = run_recipe("protect.py", _args(tiny_source_run, tmp_path), num_processes=2)
+    # --eps 8.5 is applied as 8/255 (the same bytes) and warned about once, not once per process
+    result = run_recipe("protect.py", _args(tiny_source_run, tmp_path, "--eps", "8.5"), num_processes=2)
     assert json.loads((tmp_path / "results.json").read_text())["num_processes"] == 2, result.stdout[-2000:]
+    assert result.stderr.count("--eps 8.5 is applied as 8/255") == 1, result.stderr[-3000:]
     assert _image_bytes(tmp_path) == _image_bytes(one_process)
     assert _file_hashes(tmp_path) == _file_hashes(one_process)
 
