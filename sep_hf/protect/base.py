@@ -96,6 +96,10 @@ class ProtectionTransform:
         raise NotImplementedError
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The protected images: float pixels (N, C, H, W) in [0, 1], one size per call (a ``ragged`` method
+        also gets zero-padded canvases), ``labels`` int64 (N,), ``indices`` the global example indices (N,)
+        that seed every per-example random choice. Returns float pixels of the same shape on the 1/255
+        grid, within the method's budget (``eps``) of ``images`` for every pixel."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:

@@ -106,7 +106,12 @@ class CheckpointEnsemble(nn.Module):
 
         A local ``train_source.py`` output directory (or its ``checkpoints/`` folder) is read in place;
         anything else is a Hub model repo id, of which only the chosen checkpoints' weights and
-        records are downloaded (at ``revision``).
+        records are downloaded (at ``revision``). Each model maps float pixels (N, C, H, W) in [0, 1] to
+        logits (N, classes); the ensemble stacks them to (K, N, classes).
+
+        Raises ``CheckpointError`` for a folder or repo without complete checkpoints, a checkpoint whose
+        files do not match their sha256, checkpoints of different architectures, or ``num_models`` above
+        the number available.
         """
         path = Path(repo_id_or_dir).expanduser()
         if path.exists():

@@ -255,6 +255,8 @@ def craft_sep(
     one zero-padded canvas, image i in its top-left (h_i, w_i) corner; the checkpoints see each one
     resized by ``models.RaggedResize`` (batched, no per-image loop) and the padding stays zero.
     Raises ValueError for labels outside the classes, or ``sizes`` without ``class_means`` for SEP-FA.
+The algorithm is the module docstring's (Chen et al., ICLR 2023: SEP, SEP-FA feature alignment,
+SEP-FA-VR variance reduction).
     """
     if images.ndim != 4 or len(images) != len(labels):
         raise ValueError(f"images must be (N, C, H, W) with N = len(labels); got {tuple(images.shape)}, {len(labels)}.")
