@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from timm.models import build_model_with_cfg, register_model
+from timm.models._hub import load_model_config_from_path  # timm's local-dir reader (not re-exported)
 from transformers import TimmWrapperForImageClassification
 
 __all__ = ["CifarResNet", "SmallNet", "ImageClassifier", "resize_to_model", "resize_matrix", "RaggedResize", "build_model", "list_cifar_models", "timm_model_args", "check_model_name",
@@ -371,8 +372,6 @@ def pretrained_config(model: str) -> dict:
         if source == "hf-hub":
             config, architecture, _ = timm.models.load_model_config_from_hf(identifier)
         elif source == "local-dir":
-            from timm.models._hub import load_model_config_from_path  # timm's local-dir: reader (not re-exported)
-
             config, architecture, _ = load_model_config_from_path(identifier)
         else:
             found = timm.models.get_pretrained_cfg(model)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from huggingface_hub import constants
 
 from sep_hf.publish.hub import dataset_commit_sha
 
@@ -95,8 +96,6 @@ def _load_raw(dataset_id: str, revision: str | None):
             raise DatasetError(f"Dataset '{dataset_id}' has a split with zero rows ({err}).") from err
         raise
     except datasets.exceptions.DatasetNotFoundError as err:
-        from huggingface_hub import constants
-
         raise DatasetError(
             f"Dataset '{dataset_id}' was not found on the Hub at {constants.ENDPOINT} "
             f"(nor as a local path). Check the id, your token, or set HF_ENDPOINT."

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -280,10 +281,6 @@ def _accuracy_metric():
     try:
         import evaluate
     except ImportError:
-        from types import SimpleNamespace
-
-        import numpy as np
-
         return SimpleNamespace(compute=lambda predictions, references: {
             "accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))})
     return evaluate.load(ACCURACY_METRIC)
