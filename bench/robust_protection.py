@@ -56,7 +56,12 @@ CANDIDATES = {
     # not even learned under standard training (0.7475), too weak against the images' own low frequencies
     "classwise-b8": {"craft_transforms": "none", "classwise_share": 1.0, "classwise_block": 8},
     "classwise-b8-half": {"craft_transforms": "none", "classwise_share": 0.5, "classwise_block": 8},
+    # round 2, JPEG's own grid: eot, then each 8x8 block's luma DC level at quality 10 pushed to the side the
+    # loss descends (bench/jpeg_grid.py measured the premise); jpeg8 / jpeg15 test an appropriator's other quality
+    "eot-jpeg-grid": {"craft_transforms": VIEWS, "jpeg_grid_quality": 10},
 }
+# JPEG at the qualities around the one a grid candidate is crafted for (not matrix columns: only this search uses them)
+EXTRA_COLUMNS = {"jpeg8": ("jpeg", {"jpeg_quality": 8}), "jpeg15": ("jpeg", {"jpeg_quality": 15})}
 SCREEN_COLUMNS = ["none", "jpeg", "jpeg50", "grayscale", "bitdepth", "blur", "augment"]
 REFERENCES = ("sep-fa-vr", "sep-fa", "cuda")
 
@@ -138,6 +143,7 @@ def main():
     for flag in ("max_train_samples", "max_eval_samples", "epochs"):
         setattr(args, flag, None)  # the matrix's protocol, always
     matrix.use_folders(args.runs_dir, None)
+    matrix.COLUMNS.update(EXTRA_COLUMNS)
     args.checkpoints = args.checkpoints or str(matrix.RUNS_DIR / "source-cpu")
     unknown = sorted(set(args.candidates) - set(CANDIDATES)) + sorted(set(args.defenses) - set(matrix.columns()))
     if unknown:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_recipe
 
 from sep_hf import squeezes
@@ -213,3 +214,27 @@ def test_classwise_share_moves_every_image_of_a_class_by_its_pattern(tiny_ensemb
     assert delta.abs().max() <= 8
     rest = delta - (4 * patterns[labels]).int()
     assert rest.abs().max() <= 4 and rest.abs().float().mean() > 1, "SEP crafts within the other half"
+
+
+def test_jpeg_grid_moves_the_encoders_dc_level_to_the_chosen_side_within_budget(real_images):
+    """The JPEG-grid step (sep-robust --jpeg_grid_quality): every pixel stays within the budget, and after the
+    real encoder (PIL, quality 10) most pushed blocks decode a whole DC level (Q/8 = 10 levels) on the side
+    the direction asks for."""
+    from sep_hf.protect.methods.sep import jpeg_grid_step, luma_dc_step
+
+    original = real_images.float() / 255
+    generator = torch.Generator().manual_seed(0)
+    side = torch.randint(0, 2, (len(original), 1, 4, 4), generator=generator).float() * 2 - 1
+    direction = -side.repeat_interleave(8, -2).repeat_interleave(8, -1).expand(-1, 3, -1, -1)  # descend: +side
+    out = jpeg_grid_step(original, original, 8 / 255, direction, 10)
+    assert ((out - original).abs() * 255).round().max() <= 8 and torch.equal(out, (out * 255).round() / 255)
+
+    def decoded_block_luma(x):
+        y = (squeezes.jpeg(quantize(x), 10).float() * torch.tensor(squeezes.LUMA_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        return F.avg_pool2d(y, 8)
+
+    change = decoded_block_luma(out) - decoded_block_luma(original)
+    pushed = F.max_pool2d(((out - original).abs().sum(1, keepdim=True) > 0).float(), 8) > 0
+    moved = (change * side >= luma_dc_step(10) / 16)[pushed]
+    assert pushed.float().mean() > 0.6 and moved.float().mean() > 0.7, (pushed.float().mean(), moved.float().mean())
+    assert torch.equal(jpeg_grid_step(original, original, 8 / 255, torch.zeros_like(original), 10), original)

@@ -44,6 +44,7 @@ class RobustArguments:
     shared_channels: bool = field(default=False, metadata={"help": "--method sep-robust: one perturbation for every colour channel (luma only)."})
     classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
+    jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
 
     def __post_init__(self):
         if self.robust_base not in METHODS:
@@ -67,6 +68,7 @@ class SEPRobustTransform(SEPTransform):
         config.shared_channels = robust.shared_channels
         config.classwise_share = robust.classwise_share
         config.classwise_block = robust.classwise_block
+        config.jpeg_grid_quality = robust.jpeg_grid_quality
         config.__post_init__()
         return config
 
@@ -76,7 +78,8 @@ class SEPRobustTransform(SEPTransform):
         return {**super().describe(), "base_method": config.method, "craft_transforms": list(config.craft_transforms),
                 "eot_samples": config.eot_samples, "perturbation_block": config.perturbation_block,
                 "shared_channels": config.shared_channels, "classwise_share": config.classwise_share,
-                "classwise_block": config.classwise_block, "crafted_against": crafted_against}
+                "classwise_block": config.classwise_block, "jpeg_grid_quality": config.jpeg_grid_quality,
+                "crafted_against": crafted_against}
 
     def card_lines(self, results: dict) -> list[str]:
         config = self.config
@@ -87,6 +90,9 @@ class SEPRobustTransform(SEPTransform):
         lines = [*super().card_lines(results),
                  f"- robust crafting on `{config.method}`: loss averaged over random views ({views}; "
                  f"{config.eot_samples} per checkpoint gradient); perturbation {', '.join(space) or 'per pixel'}"]
+        if config.jpeg_grid_quality:
+            lines.append(f"- JPEG grid: each 8x8 block's luma DC level at quality {config.jpeg_grid_quality} is pushed to the "
+                         "neighbouring level the crafting loss prefers, within the budget")
         if config.classwise_share > 0:
             lines.append(f"- class-wise component: {classwise_levels(config)}/255 of the budget is one fixed +-pattern per "
                          f"class ({config.classwise_block}x{config.classwise_block} blocks, the same on every channel)")

@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from sep_hf import squeezes
 from sep_hf.attacks import pgd, sign_step
 from sep_hf.budget import Budget
 from sep_hf.data.load import public_name
@@ -67,6 +68,7 @@ class SEPConfig:
     shared_channels: bool = field(default=False, metadata={"help": "One perturbation for all colour channels (luma only)."})
     classwise_share: float = field(default=0.0, metadata={"help": "Share of eps taken by a class-wise +-pattern (model-free)."})
     classwise_block: int = field(default=4, metadata={"help": "The class-wise pattern is constant over BxB blocks."})
+    jpeg_grid_quality: int = field(default=0, metadata={"help": "After crafting, pick each 8x8 block's luma DC level at this JPEG quality (0: off)."})
 
     def __post_init__(self):
         views = self.craft_transforms
@@ -82,6 +84,8 @@ class SEPConfig:
         if not 0 <= self.classwise_share <= 1 or self.classwise_block < 1:
             raise ValueError(f"classwise_share must be in [0, 1] and classwise_block >= 1, got {self.classwise_share}, "
                              f"{self.classwise_block}.")
+        if not 0 <= self.jpeg_grid_quality <= 95:
+            raise ValueError(f"jpeg_grid_quality is a JPEG quality in 1..95 (0: off), got {self.jpeg_grid_quality}.")
         if self.eot_samples < 1 or self.perturbation_block < 1:
             raise ValueError(f"eot_samples and perturbation_block must be >= 1, got {self.eot_samples}, {self.perturbation_block}.")
 
@@ -299,7 +303,61 @@ SEP-FA-VR variance reduction).
     if config.classwise_share > 0:
         center, eps = classwise_shift(original, labels, ensemble.num_classes, config)
     protected = pgd(direction, center, eps, config.step_size, config.steps) if eps > 0 else center
-    return Budget.from_pixels(config.eps).clamp(protected, original)
+    protected = Budget.from_pixels(config.eps).clamp(protected, original)
+    if config.jpeg_grid_quality:
+        if sizes is not None and bool((sizes != sizes[0]).any()):
+            raise ValueError("jpeg_grid_quality needs images of one size per batch (JPEG's 8x8 grid starts at each corner).")
+        protected = jpeg_grid_step(protected, original, config.eps, direction(protected, config.steps),
+                                   config.jpeg_grid_quality)
+    return protected
+
+
+def luma_dc_step(quality: int) -> int:
+    """libjpeg's luma DC quantization step at ``quality`` (base table entry 16, IJG quality scaling)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return int(min(max((16 * scale + 50) // 100, 1), 255))
+
+
+def jpeg_grid_step(protected: torch.Tensor, original: torch.Tensor, eps: float, direction: torch.Tensor,
+                   quality: int) -> torch.Tensor:
+    """Choose, per full 8x8 block, the neighbouring luma DC level a JPEG encoder at ``quality`` lands on.
+
+    JPEG quantizes DC = 8 (mean luma - 128) in steps Q (80 at quality 10), so a block-constant shift of
+    the three channels (luma moves, chroma does not) within the budget crosses a rounding boundary in most
+    blocks (bench/jpeg_grid.py: 78% up, 79% down at 8/255), and the decoded block then moves by Q / 8
+    levels. The side is the one the crafting loss descends: minus the sign of ``direction`` (N, C, H, W,
+    the loss gradient at ``protected``) summed over the block's luma; the shift is the smallest that
+    crosses (at most 2 eps), so SEP's fine pattern is kept where it can be. ``protected`` and ``original``
+    are float pixels (N, C, H, W) on the 1/255 grid, C = 1 or 3; the result stays within ``eps`` of
+    ``original`` for every pixel. Blocks that cannot cross are left unchanged.
+    """
+    levels = round(eps * 255)
+    height, width = (size - size % 8 for size in protected.shape[-2:])
+    if not height or not width or levels < 1:
+        return protected
+    pixels, base = (t[..., :height, :width] * 255 for t in (protected, original))
+    weights = torch.tensor(squeezes.LUMA_WEIGHTS if pixels.shape[1] == 3 else (1.0,), device=pixels.device).view(1, -1, 1, 1)
+
+    def block_luma(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d((x * weights).sum(1, keepdim=True), 8)  # (N, 1, H/8, W/8)
+
+    step = luma_dc_step(quality)
+    level = torch.round(8 * (block_luma(pixels) - 128) / step)
+    side = -block_luma(direction[..., :height, :width].float()).sign()  # descend the loss; 0: leave the block
+    shift = torch.zeros_like(level)
+    for magnitude in range(2 * levels, 0, -1):  # descending: the smallest shift that crosses is kept
+        moved = _shift_blocks(pixels, base, side * magnitude, levels)
+        crosses = torch.round(8 * (block_luma(moved) - 128) / step) == level + side
+        shift = torch.where(crosses & (side != 0), side * magnitude, shift)
+    out = protected.clone()
+    out[..., :height, :width] = _shift_blocks(pixels, base, shift, levels) / 255
+    return out
+
+
+def _shift_blocks(pixels: torch.Tensor, base: torch.Tensor, shift: torch.Tensor, levels: int) -> torch.Tensor:
+    """``pixels`` (levels) plus a per-block shift (N, 1, H/8, W/8) on every channel, kept within the budget."""
+    per_pixel = shift.repeat_interleave(8, -2).repeat_interleave(8, -1)
+    return torch.minimum(torch.maximum(pixels + per_pixel, base - levels), base + levels).clamp(0, 255)
 
 
 def classwise_levels(config: SEPConfig) -> int:
