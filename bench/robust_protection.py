@@ -178,6 +178,9 @@ def main():
             except RuntimeError as err:
                 row_cells[column] = {"error": str(err), "wall_seconds": time.perf_counter() - start}
                 failed = True
+        # Cells recorded earlier whose run folders are gone (another machine, a fresh checkout) are kept
+        recorded = results.get(name, {}).get("cells", {})
+        row_cells.update({d: {"eval_accuracy": a} for d, a in recorded.items() if "eval_accuracy" not in row_cells.get(d, {})})
         results[name] = summarize(name, row_cells, crafting, clean_cells, all_columns, flags)
         write(results, reference_matrix, all_columns, command)
     write(results, reference_matrix, all_columns, command)
