@@ -25,13 +25,9 @@ from common import SHARED_CIFAR10, markdown_table, write_results
 from datasets import load_dataset
 from PIL import Image
 
+from sep_hf.protect.methods.sep import luma_dc_step  # the step the sep-robust --jpeg_grid_quality flag uses
+
 QUALITIES = (8, 10, 15, 50)
-
-
-def luma_dc_step(quality: int) -> int:
-    """libjpeg's luma DC quantization step at ``quality`` (base table entry 16, IJG scaling)."""
-    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
-    return int(min(max((16 * scale + 50) // 100, 1), 255))
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ class _Logger(MultiProcessAdapter):
         if PartialState._shared_state:
             super().log(level, msg, *args, **kwargs)
             return
-        kwargs.pop("main_process_only", None), kwargs.pop("in_order", None)  # one process: nothing to choose
+        kwargs.pop("main_process_only", None)  # one process: nothing to choose
+        kwargs.pop("in_order", None)
         if self.isEnabledFor(level):
             self.logger.log(level, msg, *args, **kwargs)
 

@@ -471,4 +471,7 @@ class SEPTransform(ProtectionTransform):
     def fingerprint(self) -> str:
         means = None if self.class_means is None else tensor_hash(self.class_means)
         targets = () if self.targets is None else (self.targets.tolist(),)  # all classes present: the historical key
-        return config_hash(asdict(self.config), self.ensemble.fingerprint, means, self.ensemble.device.type, *targets)
+        config = asdict(self.config)
+        if not config["jpeg_grid_quality"]:
+            del config["jpeg_grid_quality"]  # off: the key crafted shards had before the flag existed, so they resume
+        return config_hash(config, self.ensemble.fingerprint, means, self.ensemble.device.type, *targets)
