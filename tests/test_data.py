@@ -73,6 +73,26 @@ def test_parquet_file_and_imagefolder(tmp_path):
     assert set(tree.columns.class_names) == {"cat", "dog"}
 
 
+def test_folders_with_the_same_card_load_their_own_rows(tmp_path):
+    # datasets keys a Hub-layout folder's cache on its name and README: without the resolved files
+    # passed back, run2/dataset (or a rewritten run1/dataset) would load run1/dataset's cached rows.
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    loaded = []
+    for seed in (0, 1):
+        folder = tmp_path / f"run{seed}" / "dataset"
+        (folder / "data").mkdir(parents=True)
+        (folder / "README.md").write_text(card)
+        pixels = _images(4, seed=seed)
+        datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": [0, 1, 0, 1]},
+                                   features=features).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+        dataset = load_image_dataset(str(folder))
+        images, _ = split_to_tensors(dataset.split("train"), dataset.columns)
+        np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), pixels)
+        loaded.append(images)
+    assert not torch.equal(*loaded)
+
+
 def test_uint8_round_trip_is_exact():
     pixels = _images(8, size=(5, 7))
     tensor = images_to_uint8([Image.fromarray(p) for p in pixels])

@@ -88,8 +88,12 @@ def _load_raw(dataset_id: str, revision: str | None):
             return datasets.load_dataset("parquet", data_files={"train": str(path)})
         if path.is_dir():
             # Hub-layout folders (README configs, data/*.parquet) and ImageFolder trees are both
-            # recognised by datasets' own module inference.
-            return datasets.load_dataset(str(path))
+            # recognised by datasets' own module inference. The resolved files are passed back in
+            # because datasets keys a folder's cache on its README alone: two folders (or one
+            # rewritten) with the same card would load the first one's cached rows.
+            inferred = datasets.load_dataset_builder(str(path))
+            return datasets.load_dataset(str(path), data_files=inferred.config.data_files,
+                                         features=inferred.info.features)
         return datasets.load_dataset(dataset_id, revision=revision)
     except ValueError as err:
         if "corresponds to no data" in str(err):  # datasets' wording for an empty split
