@@ -154,3 +154,23 @@ def test_differentiable_jpeg_matches_pil_and_has_gradients(cifar_small, quality)
     assert psnr > 30 and psnr > distortion + 4, (float(psnr), float(distortion))
     (grad,) = torch.autograd.grad(approximation.sum(), pixels)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_notch_removes_most_of_a_class_wise_grating(cifar_small):
+    """--defense notch zeroes the grating family's frequencies: of a 10-level grating added to real images,
+    less than a fifth of the energy is left; the other frequencies are untouched."""
+    from sep_hf.protect.gratings import class_gratings
+
+    images, labels = cifar_small.train_images[:200], cifar_small.train_labels[:200]
+    defense = build_defense("notch", [])
+    grating = 10 * class_gratings(labels, torch.arange(len(labels)), (32, 32), 10, seed=0)
+    protected = (images.float() + grating).round().clamp(0, 255).to(torch.uint8)
+    left = defense.prepare_training_images(protected).float() - defense.prepare_training_images(images).float()
+    assert left.pow(2).mean() < 0.2 * grating.pow(2).mean(), "the grating's energy is mostly gone"
+    bins = defense.mask((32, 32))
+    spectrum = torch.fft.fft2(images.float())
+    outside = (torch.fft.fft2(defense.prepare_training_images(images).float()) - spectrum)[..., ~bins]
+    assert outside.abs().mean() < 0.05 * spectrum[..., ~bins].abs().mean(), "the rest changes only by rounding and clipping"
+    assert 0 < bins.sum() < 32 * 32 // 8
+    with pytest.raises(ValueError, match="notch_radius"):
+        build_defense("notch", [dataclasses.replace(defense.settings, notch_radius=9)])

@@ -238,3 +238,40 @@ def test_jpeg_grid_moves_the_encoders_dc_level_to_the_chosen_side_within_budget(
     moved = (change * side >= luma_dc_step(10) / 16)[pushed]
     assert pushed.float().mean() > 0.6 and moved.float().mean() > 0.7, (pushed.float().mean(), moved.float().mean())
     assert torch.equal(jpeg_grid_step(original, original, 8 / 255, torch.zeros_like(original), 10), original)
+
+
+def test_class_gratings_keep_their_energy_at_their_class_frequencies_under_flip_and_crop():
+    """Each class's grating puts most of its energy in its signature's FFT bins whatever the image's phase,
+    and keeps it there after a horizontal flip or a 4-pixel-padded crop (what victims' augmentation does)."""
+    from sep_hf.protect.gratings import class_gratings, grating_signatures, signature_frequencies
+
+    labels = torch.arange(10).repeat_interleave(8)
+    gratings = class_gratings(labels, torch.arange(80), (32, 32), 10, seed=3)
+    assert gratings.shape == (80, 1, 32, 32) and gratings.abs().max() <= 1 + 1e-6 and gratings.abs().max() > 0.9
+    assert not torch.equal(gratings[0], gratings[1]), "each image its own phase"
+    assert torch.equal(gratings, class_gratings(labels, torch.arange(80), (32, 32), 10, seed=3))
+    signatures = grating_signatures(10, 3)
+    assert signatures != grating_signatures(10, 4) and len(set(signatures)) == 10
+    cropped = F.pad(gratings, (4, 4, 4, 4))[..., 2:34, 5:37]
+    for label, signature in enumerate(signatures):
+        bins = signature_frequencies((32, 32), [signature])
+        for view in (gratings, gratings.flip(-1), cropped):
+            power = torch.fft.fft2(view[labels == label, 0]).abs().pow(2)
+            share = power[:, bins].sum(1) / power.flatten(1).sum(1)
+            assert share.min() > 0.6, (signature, share.min())
+
+
+def test_grating_amplitude_is_added_after_crafting_beyond_the_budget(tiny_ensemble, batch, means):
+    from sep_hf.protect.gratings import class_gratings
+
+    images, labels = batch
+    config = SEPConfig(method="sep-fa", steps=2, step_size=2 / 255)
+    plain = craft_sep(images, labels, tiny_ensemble, config, class_means=means, indices=torch.arange(100, 124))
+    config.grating_amplitude = 6
+    with_grating = craft_sep(images, labels, tiny_ensemble, config, class_means=means, indices=torch.arange(100, 124))
+    expected = (quantize(plain).float() + 6 * class_gratings(labels, torch.arange(100, 124), (32, 32), 10, 0)).round()
+    assert torch.equal(quantize(with_grating).float(), expected.clamp(0, 255))
+    linf = (quantize(with_grating).int() - quantize(images).int()).abs().max()
+    assert 8 < linf <= 14
+    with pytest.raises(ValueError, match="grating_amplitude"):
+        SEPConfig(grating_amplitude=-1)

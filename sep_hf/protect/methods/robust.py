@@ -45,6 +45,7 @@ class RobustArguments:
     classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
+    grating_amplitude: int = field(default=0, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps (sep_hf.protect.gratings; 0: off). Its phases come from --protection_seed: keep it private."})
 
     def __post_init__(self):
         if self.robust_base not in METHODS:
@@ -69,6 +70,7 @@ class SEPRobustTransform(SEPTransform):
         config.classwise_share = robust.classwise_share
         config.classwise_block = robust.classwise_block
         config.jpeg_grid_quality = robust.jpeg_grid_quality
+        config.grating_amplitude = robust.grating_amplitude
         config.__post_init__()
         return config
 
@@ -79,6 +81,7 @@ class SEPRobustTransform(SEPTransform):
                 "eot_samples": config.eot_samples, "perturbation_block": config.perturbation_block,
                 "shared_channels": config.shared_channels, "classwise_share": config.classwise_share,
                 "classwise_block": config.classwise_block, "jpeg_grid_quality": config.jpeg_grid_quality,
+                "grating_amplitude": config.grating_amplitude,
                 "crafted_against": crafted_against}
 
     def card_lines(self, results: dict) -> list[str]:
@@ -93,6 +96,10 @@ class SEPRobustTransform(SEPTransform):
         if config.jpeg_grid_quality:
             lines.append(f"- JPEG grid: each 8x8 block's luma DC level at quality {config.jpeg_grid_quality} is pushed to the "
                          "neighbouring level the crafting loss prefers, within the budget")
+        if config.grating_amplitude:
+            lines.append(f"- class-wise grating: every image also carries its class's luma grating (periods 8-16 pixels, "
+                         f"random phase) of {config.grating_amplitude}/255 amplitude, beyond the budget: the largest pixel "
+                         f"change is eps + {config.grating_amplitude}/255")
         if config.classwise_share > 0:
             lines.append(f"- class-wise component: {classwise_levels(config)}/255 of the budget is one fixed +-pattern per "
                          f"class ({config.classwise_block}x{config.classwise_block} blocks, the same on every channel)")

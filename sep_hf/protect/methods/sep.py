@@ -39,6 +39,7 @@ from sep_hf.models import RaggedResize, resize_to_model
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, config_hash
 from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
+from sep_hf.protect.gratings import class_gratings
 from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
 from sep_hf.seeding import draw_keys, splitmix64
 from sep_hf.utils.logging import get_logger
@@ -69,6 +70,7 @@ class SEPConfig:
     classwise_share: float = field(default=0.0, metadata={"help": "Share of eps taken by a class-wise +-pattern (model-free)."})
     classwise_block: int = field(default=4, metadata={"help": "The class-wise pattern is constant over BxB blocks."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "After crafting, pick each 8x8 block's luma DC level at this JPEG quality (0: off)."})
+    grating_amplitude: int = field(default=0, metadata={"help": "Levels (1/255) of a class-wise luma grating added after crafting, beyond eps (0: off)."})
 
     def __post_init__(self):
         views = self.craft_transforms
@@ -86,6 +88,8 @@ class SEPConfig:
                              f"{self.classwise_block}.")
         if not 0 <= self.jpeg_grid_quality <= 95:
             raise ValueError(f"jpeg_grid_quality is a JPEG quality in 1..95 (0: off), got {self.jpeg_grid_quality}.")
+        if not 0 <= self.grating_amplitude <= 64:
+            raise ValueError(f"grating_amplitude is in whole 1/255 levels, 0..64 (0: off), got {self.grating_amplitude}.")
         if self.eot_samples < 1 or self.perturbation_block < 1:
             raise ValueError(f"eot_samples and perturbation_block must be >= 1, got {self.eot_samples}, {self.perturbation_block}.")
 
@@ -309,6 +313,9 @@ SEP-FA-VR variance reduction).
             raise ValueError("jpeg_grid_quality needs images of one size per batch (JPEG's 8x8 grid starts at each corner).")
         protected = jpeg_grid_step(protected, original, config.eps, direction(protected, config.steps),
                                    config.jpeg_grid_quality)
+    if config.grating_amplitude:  # model-free, beyond the budget: adversarial training at eps cannot cancel it
+        gratings = class_gratings(labels.cpu(), indices.cpu(), protected.shape[-2:], ensemble.num_classes, config.seed)
+        protected = (protected + config.grating_amplitude / 255 * gratings.to(protected)).mul(255).round().div(255).clamp(0, 1)
     return protected
 
 
@@ -472,6 +479,7 @@ class SEPTransform(ProtectionTransform):
         means = None if self.class_means is None else tensor_hash(self.class_means)
         targets = () if self.targets is None else (self.targets.tolist(),)  # all classes present: the historical key
         config = asdict(self.config)
-        if not config["jpeg_grid_quality"]:
-            del config["jpeg_grid_quality"]  # off: the key crafted shards had before the flag existed, so they resume
+        for flag in ("jpeg_grid_quality", "grating_amplitude"):
+            if not config[flag]:
+                del config[flag]  # off: the key crafted shards had before the flag existed, so they resume
         return config_hash(config, self.ensemble.fingerprint, means, self.ensemble.device.type, *targets)
