@@ -15,11 +15,11 @@ import argparse
 import shutil
 
 import numpy as np
+import protection_matrix as matrix
 import torch
 from common import RESULTS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_results
 from datasets import Dataset, Image, load_dataset
 
-import protection_matrix as matrix
 from sep_hf.protect.gratings import class_gratings
 
 SEED = 0
