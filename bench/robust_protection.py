@@ -60,7 +60,7 @@ CANDIDATES = {
     # loss descends (bench/jpeg_grid.py measured the premise); jpeg8 / jpeg15 test an appropriator's other quality
     "eot-jpeg-grid": {"craft_transforms": VIEWS, "jpeg_grid_quality": 10},
     # round 2, a component AT cannot cancel: eot, then a class-wise luma grating of 10/255 (periods 8-16 px,
-    # random phase; sep_hf.protect.gratings) beyond the budget; its adaptive column is --defense notch
+    # random phase; sep_hf.gratings) beyond the budget; its adaptive column is --defense notch
     "eot-grating10": {"craft_transforms": VIEWS, "grating_amplitude": 10},
 }
 # JPEG at the qualities around the one a grid candidate is crafted for (not matrix columns: only this search uses them)

@@ -159,7 +159,7 @@ def test_differentiable_jpeg_matches_pil_and_has_gradients(cifar_small, quality)
 def test_notch_removes_most_of_a_class_wise_grating(cifar_small):
     """--defense notch zeroes the grating family's frequencies: of a 10-level grating added to real images,
     less than a fifth of the energy is left; the other frequencies are untouched."""
-    from sep_hf.protect.gratings import class_gratings
+    from sep_hf.gratings import class_gratings
 
     images, labels = cifar_small.train_images[:200], cifar_small.train_labels[:200]
     defense = build_defense("notch", [])

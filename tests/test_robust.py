@@ -243,7 +243,7 @@ def test_jpeg_grid_moves_the_encoders_dc_level_to_the_chosen_side_within_budget(
 def test_class_gratings_keep_their_energy_at_their_class_frequencies_under_flip_and_crop():
     """Each class's grating puts most of its energy in its signature's FFT bins whatever the image's phase,
     and keeps it there after a horizontal flip or a 4-pixel-padded crop (what victims' augmentation does)."""
-    from sep_hf.protect.gratings import class_gratings, grating_signatures, signature_frequencies
+    from sep_hf.gratings import class_gratings, grating_signatures, signature_frequencies
 
     labels = torch.arange(10).repeat_interleave(8)
     gratings = class_gratings(labels, torch.arange(80), (32, 32), 10, seed=3)
@@ -262,7 +262,7 @@ def test_class_gratings_keep_their_energy_at_their_class_frequencies_under_flip_
 
 
 def test_grating_amplitude_is_added_after_crafting_beyond_the_budget(tiny_ensemble, batch, means):
-    from sep_hf.protect.gratings import class_gratings
+    from sep_hf.gratings import class_gratings
 
     images, labels = batch
     config = SEPConfig(method="sep-fa", steps=2, step_size=2 / 255)

@@ -1,6 +1,6 @@
 """Train on images with the grating family's frequencies notched out: the adaptive answer to sep-robust's gratings.
 
-``sep-robust --grating_amplitude`` adds one luma grating per class (``sep_hf.protect.gratings``: 12
+``sep-robust --grating_amplitude`` adds one luma grating per class (``sep_hf.gratings``: 12
 published signatures, orientations x periods of 8-16 pixels; only which class gets which, and the
 phases, come from the protector's private seed). An appropriator who knows the method but not the
 seed zeroes, in every training image and channel, the 2-D FFT bins where any signature puts its
@@ -22,7 +22,7 @@ import torch
 
 from sep_hf.defenses import register_defense
 from sep_hf.defenses.base import Defense
-from sep_hf.protect.gratings import signature_frequencies
+from sep_hf.gratings import signature_frequencies
 
 __all__ = ["NotchArguments", "SpectralNotch", "notch_frequencies"]
 
@@ -58,5 +58,5 @@ class SpectralNotch(Defense):
         return notch_frequencies(images, self.mask(images.shape[-2:]))
 
     def describe(self) -> dict:
-        return {"radius": self.settings.notch_radius, "frequencies": "sep_hf.protect.gratings.SIGNATURES",
+        return {"radius": self.settings.notch_radius, "frequencies": "sep_hf.gratings.SIGNATURES",
                 "applied_to": "training images, once before training"}

@@ -45,7 +45,7 @@ class RobustArguments:
     classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
-    grating_amplitude: int = field(default=0, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps (sep_hf.protect.gratings; 0: off). Its phases come from --protection_seed: keep it private."})
+    grating_amplitude: int = field(default=0, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps (sep_hf.gratings; 0: off). Its phases come from --protection_seed: keep it private."})
 
     def __post_init__(self):
         if self.robust_base not in METHODS:
