@@ -1,4 +1,4 @@
-"""Pilot: the shipped sep-robust images plus a class-wise luma grating (sep_hf.protect.gratings), post hoc.
+"""Pilot: the shipped sep-robust images plus a class-wise luma grating (sep_hf.gratings), post hoc.
 
     python bench/robust_protection.py --candidates eot --defenses none   # first: eot's crafted images
     python bench/grating_pilot.py --amplitudes 10 --defenses none jpeg
@@ -20,7 +20,7 @@ import torch
 from common import RESULTS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_results
 from datasets import Dataset, Image, load_dataset
 
-from sep_hf.protect.gratings import class_gratings
+from sep_hf.gratings import class_gratings
 
 SEED = 0
 

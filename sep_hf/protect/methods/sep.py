@@ -35,12 +35,12 @@ from sep_hf import squeezes
 from sep_hf.attacks import pgd, sign_step
 from sep_hf.budget import Budget
 from sep_hf.data.load import public_name
+from sep_hf.gratings import class_gratings
 from sep_hf.models import RaggedResize, resize_to_model
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, config_hash
 from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
 from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
-from sep_hf.gratings import class_gratings
 from sep_hf.seeding import draw_keys, splitmix64
 from sep_hf.utils.logging import get_logger
 
