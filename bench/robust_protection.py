@@ -62,6 +62,7 @@ CANDIDATES = {
     # round 2, a component AT cannot cancel: eot, then a class-wise luma grating of 10/255 (periods 8-16 px,
     # random phase; sep_hf.gratings) beyond the budget; its adaptive column is --defense notch
     "eot-grating10": {"craft_transforms": VIEWS, "grating_amplitude": 10},
+    "eot-grating12": {"craft_transforms": VIEWS, "grating_amplitude": 12},  # 28.1 dB: the most the goal's PSNR allows
 }
 # JPEG at the qualities around the one a grid candidate is crafted for (not matrix columns: only this search uses them)
 EXTRA_COLUMNS = {"jpeg8": ("jpeg", {"jpeg_quality": 8}), "jpeg15": ("jpeg", {"jpeg_quality": 15})}
