@@ -74,6 +74,9 @@ COLUMNS = {
     "bitdepth": ("bitdepth", {}),
     "blur": ("blur", {}),
     "augment": ("augment", {}),
+    # The adaptive answer to sep-robust's gratings: the family's frequencies notched, after JPEG-10 in the second
+    "notch": ("notch", {}),
+    "notch-jpeg": ("notch", {"notch_jpeg_quality": 10}),
     # The pretrained appropriator (issue 22): a backbone pretrained on CIFAR-10 rows outside the protected
     # 10k and on 5 of the 10 classes (bench/pretrained_appropriator.py), loaded from the loopback Hub.
     "pretrained-ft": ("none", {"model": BACKBONE_MODEL}),  # full fine-tuning, backbone at 0.1 x lr

@@ -160,6 +160,7 @@ def test_notch_removes_most_of_a_class_wise_grating(cifar_small):
     """--defense notch zeroes the grating family's frequencies: of a 10-level grating added to real images,
     less than a fifth of the energy is left; the other frequencies are untouched."""
     from sep_hf.gratings import class_gratings
+    from sep_hf.squeezes import jpeg
 
     images, labels = cifar_small.train_images[:200], cifar_small.train_labels[:200]
     defense = build_defense("notch", [])
@@ -172,5 +173,8 @@ def test_notch_removes_most_of_a_class_wise_grating(cifar_small):
     outside = (torch.fft.fft2(defense.prepare_training_images(images).float()) - spectrum)[..., ~bins]
     assert outside.abs().mean() < 0.05 * spectrum[..., ~bins].abs().mean(), "the rest changes only by rounding and clipping"
     assert 0 < bins.sum() < 32 * 32 // 8
+    after_jpeg = build_defense("notch", [dataclasses.replace(defense.settings, notch_jpeg_quality=10)])
+    assert torch.equal(after_jpeg.prepare_training_images(protected),
+                       defense.prepare_training_images(jpeg(protected, 10))), "JPEG first, then the notch"
     with pytest.raises(ValueError, match="notch_radius"):
         build_defense("notch", [dataclasses.replace(defense.settings, notch_radius=9)])
