@@ -49,7 +49,8 @@ def class_gratings(labels: torch.Tensor, indices: torch.Tensor, shape: tuple[int
     """(N, 1, H, W) gratings in [-1, 1] (peak 1): image i gets its class's signature at a random phase.
 
     ``labels`` and ``indices`` (global example indices, for the phase) are (N,) integer tensors;
-    ``shape`` is (H, W) in pixels. Periods are in pixels of the published image.
+    ``shape`` is (H, W) in pixels. Periods are in pixels of the published image: measured on 32x32
+    CIFAR-10 only; a victim that downsizes large photos by more than 2x sees them aliased.
     """
     height, width = shape
     signatures = grating_signatures(num_classes, seed)
