@@ -121,6 +121,14 @@ def loopback_hub(tmp_path_factory) -> Iterator[LoopbackHubHandle]:
         proc.stdout.close()
 
 
+def load_folder(path):
+    """A local dataset folder's splits read from its own files. ``datasets.load_dataset(folder)`` keys its cache
+    on the folder's name and card, so two runs' ``dataset/`` folders with the same card would load the same rows."""
+    from sep_hf.data.load import load_image_dataset
+
+    return load_image_dataset(str(path)).splits
+
+
 def make_unique_repo_id(prefix: str, namespace: str = "org") -> str:
     """Fresh repo id: HfFileSystem caches listings per repo id for the whole session."""
     return f"{namespace}/{prefix}-{uuid.uuid4().hex[:8]}"

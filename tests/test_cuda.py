@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CIFAR10_DIR, files_containing, hub_repo_containing, run_recipe
+from conftest import CIFAR10_DIR, files_containing, hub_repo_containing, load_folder, run_recipe
 from huggingface_hub import HfApi
 
 from sep_hf.arguments import RunArguments
@@ -216,7 +216,7 @@ def test_protect_recipe_results_and_untouched_test_split(recipe_run):
     assert results["method"] == "cuda" and results["eps"] is None and results["protected_splits"] == ["train"]
     assert results["config"]["key_fingerprint"] == key_fingerprint(KEY)
     assert results["splits"]["train"]["max_linf"] > 8, "CUDA is not bounded by --eps"
-    protected = datasets.load_dataset(str(output_dir / "dataset"))
+    protected = load_folder(output_dir / "dataset")
     clean = datasets.load_dataset(str(CIFAR10_DIR))
     assert np.array_equal(_pixels(protected["test"]), _pixels(clean["test"].select(range(20))))
     clean_train = clean["train"].select(range(60))
@@ -232,8 +232,8 @@ def test_env_key_in_process_gives_the_same_bytes_and_protects_test_when_asked(re
     data = DataArguments(dataset="cifar10", max_train_samples=60, max_eval_samples=20)
     run_protection(args, data, SourceTrainingConfig(), RunArguments(output_dir=str(tmp_path), preset="cpu"),
                    accelerator, method_args=[CUDAArguments()])
-    here = datasets.load_dataset(str(tmp_path / "dataset"))
-    recipe = datasets.load_dataset(str(recipe_run[0] / "dataset"))
+    here = load_folder(tmp_path / "dataset")
+    recipe = load_folder(recipe_run[0] / "dataset")
     assert np.array_equal(_pixels(here["train"]), _pixels(recipe["train"]))
     assert not np.array_equal(_pixels(here["test"]), _pixels(recipe["test"])), "--protect_splits test was ignored"
     assert files_containing(tmp_path, str(KEY).encode()) == []

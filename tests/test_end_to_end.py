@@ -7,7 +7,7 @@ import os
 import datasets
 import numpy as np
 import pytest
-from conftest import HUB_WRITE_TOKEN, files_containing, hub_repo_containing, run_recipe
+from conftest import HUB_WRITE_TOKEN, files_containing, hub_repo_containing, load_folder, run_recipe
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 TOY = ["--preset", "cpu", "--max_train_samples", 200, "--max_eval_samples", 50]
@@ -45,7 +45,7 @@ def test_protected_dataset_is_a_drop_in_replacement(published):
     protected, clean = datasets.load_dataset(repo_id), datasets.load_dataset("uoft-cs/cifar10")
     assert set(protected) == {"train", "test"} and protected["train"].num_rows == 200
     assert protected["train"].features == clean["train"].features
-    local = datasets.load_dataset(str(output_dir / "dataset"))
+    local = load_folder(output_dir / "dataset")
     for row, local_row in zip(protected["train"].select(range(20)), local["train"].select(range(20))):
         assert np.array_equal(np.asarray(row["img"]), np.asarray(local_row["img"]))
 

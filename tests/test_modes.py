@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR10_DIR
+from conftest import CIFAR10_DIR, load_folder
 from PIL import Image
 
 from sep_hf.arguments import HubArguments, RunArguments
@@ -63,8 +63,8 @@ def _pixels(split) -> np.ndarray:
 
 def _check_published(source_dir, output_dir, mode: str, protected_splits):
     """Same features and rows, every image in ``mode``, alpha identical, 0 < max |delta| <= eps on colour."""
-    source = datasets.load_dataset(str(source_dir))
-    published = datasets.load_dataset(str(output_dir / "dataset"))
+    source = load_folder(source_dir)
+    published = load_folder(output_dir / "dataset")
     assert set(published) == set(COUNTS[mode])
     for name, count in COUNTS[mode].items():
         assert published[name].features == source[name].features
@@ -172,7 +172,7 @@ def test_a_victim_trains_on_the_published_grayscale_dataset(gray_run, tmp_path):
 
     model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir)
-    image = datasets.load_dataset(str(published))["test"][0]["img"]
+    image = load_folder(published)["test"][0]["img"]
     assert image.mode == "L"
     inputs = processor(image)  # a published L image goes through the saved processor as is
     assert inputs["pixel_values"].shape == (1, 1, 32, 32)

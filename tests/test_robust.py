@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_recipe
+from conftest import load_folder, run_recipe
 
 from sep_hf import squeezes
 from sep_hf.data.images import quantize
@@ -128,7 +128,6 @@ def _args(checkpoints, output_dir):
 
 @pytest.mark.slow
 def test_sep_robust_through_protect_py_is_the_same_for_one_and_two_processes(loopback_hub, tiny_source_run, tmp_path):
-    import datasets
 
     one, two = tmp_path / "one", tmp_path / "two"
     run_recipe("protect.py", _args(tiny_source_run, one))
@@ -142,7 +141,7 @@ def test_sep_robust_through_protect_py_is_the_same_for_one_and_two_processes(loo
     assert "robust crafting on `sep-fa`" in card and "jpeg, noise, augment" in card
 
     def pixels(folder):
-        return [row["img"].tobytes() for row in datasets.load_dataset(str(folder / "dataset"))["train"]]
+        return [row["img"].tobytes() for row in load_folder(folder / "dataset")["train"]]
 
     assert pixels(one) == pixels(two)
 
