@@ -27,38 +27,39 @@ import sep_effectiveness
 from common import SHARED_CIFAR10, markdown_table, read_json, write_results
 
 NAME = "robust_protection"
-# name -> sep-robust flags. Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
+# name -> sep-robust flags (the candidates before the grating say grating_amplitude 0: it is on by default
+# since eot-grating10 was promoted). Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
 # evaluations per image, the cpu preset) unless its flags say otherwise. ``source_defense``: the
 # checkpoints come from a source run trained through that victim defense (idea 2: a robust
 # self-ensemble; ``train_source.py --preset cpu --defense D``, in RUNS_DIR/source-cpu-D).
 VIEWS = "jpeg,grayscale,blur,noise,augment"
 CANDIDATES = {
-    "plain": {"craft_transforms": "none"},
-    "eot": {"craft_transforms": "jpeg,grayscale,blur,noise,augment"},
-    "luma-block2": {"craft_transforms": "none", "perturbation_block": 2, "shared_channels": True},
+    "plain": {"craft_transforms": "none", "grating_amplitude": 0},
+    "eot": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "grating_amplitude": 0},
+    "luma-block2": {"craft_transforms": "none", "perturbation_block": 2, "shared_channels": True, "grating_amplitude": 0},
     "eot-luma-block2": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "perturbation_block": 2,
-                        "shared_channels": True},
-    "eot-luma": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "shared_channels": True},
-    "eot-block4": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "perturbation_block": 4},
-    "eot-jpeg-luma-block2": {"craft_transforms": "jpeg", "perturbation_block": 2, "shared_channels": True},
+                        "shared_channels": True, "grating_amplitude": 0},
+    "eot-luma": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "shared_channels": True, "grating_amplitude": 0},
+    "eot-block4": {"craft_transforms": "jpeg,grayscale,blur,noise,augment", "perturbation_block": 4, "grating_amplitude": 0},
+    "eot-jpeg-luma-block2": {"craft_transforms": "jpeg", "perturbation_block": 2, "shared_channels": True, "grating_amplitude": 0},
     "at-source-eot-luma-block2": {"source_defense": "at", "craft_transforms": VIEWS, "perturbation_block": 2,
-                                  "shared_channels": True},
+                                  "shared_channels": True, "grating_amplitude": 0},
     "jpeg-source-eot-luma-block2": {"source_defense": "jpeg", "craft_transforms": VIEWS, "perturbation_block": 2,
-                                    "shared_channels": True},
-    "at-source": {"source_defense": "at", "craft_transforms": "none"},
-    "at-source-eot": {"source_defense": "at", "craft_transforms": VIEWS},
+                                    "shared_channels": True, "grating_amplitude": 0},
+    "at-source": {"source_defense": "at", "craft_transforms": "none", "grating_amplitude": 0},
+    "at-source-eot": {"source_defense": "at", "craft_transforms": VIEWS, "grating_amplitude": 0},
     # idea 4: a model-free class-wise component (+-pattern on 4x4 blocks, every channel) and SEP in the rest
-    "classwise": {"craft_transforms": "none", "classwise_share": 1.0},
-    "classwise-half": {"craft_transforms": "none", "classwise_share": 0.5},
-    "classwise-half-eot": {"craft_transforms": VIEWS, "classwise_share": 0.5},
+    "classwise": {"craft_transforms": "none", "classwise_share": 1.0, "grating_amplitude": 0},
+    "classwise-half": {"craft_transforms": "none", "classwise_share": 0.5, "grating_amplitude": 0},
+    "classwise-half-eot": {"craft_transforms": VIEWS, "classwise_share": 0.5, "grating_amplitude": 0},
     # 8x8 blocks line up with JPEG's blocks: the pattern lives in the luma DC coefficients, which JPEG-10
     # quantizes in steps of 80 (DCT units) against the pattern's +-64, so it survives as a dither. Measured:
     # not even learned under standard training (0.7475), too weak against the images' own low frequencies
-    "classwise-b8": {"craft_transforms": "none", "classwise_share": 1.0, "classwise_block": 8},
-    "classwise-b8-half": {"craft_transforms": "none", "classwise_share": 0.5, "classwise_block": 8},
+    "classwise-b8": {"craft_transforms": "none", "classwise_share": 1.0, "classwise_block": 8, "grating_amplitude": 0},
+    "classwise-b8-half": {"craft_transforms": "none", "classwise_share": 0.5, "classwise_block": 8, "grating_amplitude": 0},
     # round 2, JPEG's own grid: eot, then each 8x8 block's luma DC level at quality 10 pushed to the side the
     # loss descends (bench/jpeg_grid.py measured the premise); jpeg8 / jpeg15 test an appropriator's other quality
-    "eot-jpeg-grid": {"craft_transforms": VIEWS, "jpeg_grid_quality": 10},
+    "eot-jpeg-grid": {"craft_transforms": VIEWS, "jpeg_grid_quality": 10, "grating_amplitude": 0},
     # round 2, a component AT cannot cancel: eot, then a class-wise luma grating of 10/255 (periods 8-16 px,
     # random phase; sep_hf.gratings) beyond the budget; its adaptive column is --defense notch
     "eot-grating10": {"craft_transforms": VIEWS, "grating_amplitude": 10},

@@ -10,7 +10,11 @@ JPEG-10). ``sep-robust`` runs the same self-ensemble crafting (``--robust_base``
   quality 10-50, grayscale, blur, bit depth, RSE-like noise, crop/flip), drawn per example from
   its global index, so the output does not depend on batches or processes;
 * a perturbation space the squeezes keep (``--perturbation_block``, ``--shared_channels``): the
-  step direction is constant over BxB blocks and/or shared by the colour channels (luma only).
+  step direction is constant over BxB blocks and/or shared by the colour channels (luma only);
+* a class-wise luma grating added after crafting (``--grating_amplitude``, default 10/255;
+  ``sep_hf.gratings``): beyond the L-inf budget, so adversarial training at the budget's radius does
+  not cancel it and JPEG-10 keeps it. The largest pixel change is eps + the amplitude (8 + 10 = 18/255
+  at the defaults, 28.9 dB on CIFAR-10); ``--grating_amplitude 0`` keeps every pixel within eps.
 
 The defaults are the best setting measured in bench/robust_protection.py (its JSON lists every
 candidate tried, with the floor over all appropriator trainings and over the held-out ones).
@@ -45,7 +49,7 @@ class RobustArguments:
     classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
-    grating_amplitude: int = field(default=0, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps (sep_hf.gratings; 0: off). Its phases come from --protection_seed: keep it private."})
+    grating_amplitude: int = field(default=10, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps: the largest pixel change is eps + this (sep_hf.gratings; 0: off, every pixel within eps). Its phases come from --protection_seed: keep it private."})
 
     def __post_init__(self):
         if self.robust_base not in METHODS:
