@@ -276,3 +276,21 @@ def test_grating_amplitude_is_added_after_crafting_beyond_the_budget(tiny_ensemb
     assert 8 < linf <= 14
     with pytest.raises(ValueError, match="grating_amplitude"):
         SEPConfig(grating_amplitude=-1)
+
+
+def test_sep_robust_refuses_more_classes_than_grating_signatures_before_crafting():
+    from types import SimpleNamespace
+
+    from sep_hf.protect.methods.robust import RobustArguments, SEPRobustTransform
+    from sep_hf.protect.methods.sep import SEPArguments
+
+    given = {RobustArguments: RobustArguments(), SEPArguments: SEPArguments(steps=2, step_size=2.0)}  # as a preset sets them
+    context = SimpleNamespace(arguments=given.__getitem__, eps=8 / 255, seed=0, bf16=False,
+                              columns=SimpleNamespace(num_classes=13))
+    with pytest.raises(ValueError, match="12 class signatures .* 13 classes: pass --grating_amplitude 0"):
+        SEPRobustTransform.config_from(context, "sep-robust")
+    given[RobustArguments] = RobustArguments(grating_amplitude=0)
+    assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 0
+    context.columns.num_classes = 10
+    given[RobustArguments] = RobustArguments()
+    assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 10

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sep_hf.gratings import SIGNATURES
 from sep_hf.protect import register_protection
 from sep_hf.protect.eot import parse_views
 from sep_hf.protect.methods.sep import METHODS, SEPConfig, SEPTransform, classwise_levels
@@ -76,6 +77,10 @@ class SEPRobustTransform(SEPTransform):
         config.jpeg_grid_quality = robust.jpeg_grid_quality
         config.grating_amplitude = robust.grating_amplitude
         config.__post_init__()
+        classes = context.columns.num_classes
+        if config.grating_amplitude and classes > len(SIGNATURES):  # before any compute, not in the first batch
+            raise ValueError(f"--grating_amplitude has {len(SIGNATURES)} class signatures and the dataset has {classes} "
+                             "classes: pass --grating_amplitude 0 (SEP within eps only).")
         return config
 
     def describe(self) -> dict:
