@@ -12,6 +12,7 @@ proper crafts SEP with the grating in place (`--grating_amplitude`).
 """
 
 import argparse
+import json
 import shutil
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from common import RESULTS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_results
 from datasets import Dataset, Image, load_dataset
 
+from sep_hf.data.load import load_image_dataset
 from sep_hf.gratings import class_gratings
 
 SEED = 0
@@ -34,7 +36,7 @@ def build(amplitude: float, crafted: str, clean_path: str) -> tuple[str, dict]:
     dataset_dir = out / "dataset"
     if (out / "stats.json").exists():
         return str(dataset_dir), read_json(out / "stats.json")
-    protected = load_dataset(crafted, split="train")
+    protected = load_image_dataset(crafted).split("train")  # not load_dataset(folder): its cache is keyed on the card
     clean = load_dataset(clean_path, split=f"train[:{len(protected)}]")
     assert protected["label"] == clean["label"], "the crafted images are not the first rows of the clean split"
     x, x0 = to_tensor(protected["img"]).float(), to_tensor(clean["img"]).float()
@@ -50,7 +52,7 @@ def build(amplitude: float, crafted: str, clean_path: str) -> tuple[str, dict]:
     (dataset_dir / "data").mkdir(parents=True, exist_ok=True)
     table.to_parquet(str(dataset_dir / "data" / "train-00000-of-00001.parquet"))
     shutil.copy(f"{crafted}/README.md", dataset_dir / "README.md")
-    (out / "stats.json").write_text(__import__("json").dumps(stats, indent=2))
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return str(dataset_dir), stats
 
 
