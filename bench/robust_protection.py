@@ -157,6 +157,8 @@ def main():
         promote(args.promote, args.eps, args.model)
         return
     all_columns = list(matrix.columns())
+    if any("model" in matrix.columns()[column][1] for column in args.defenses) and not args.report_only:
+        matrix.serve_backbone()  # the pretrained columns load the bench backbone from the loopback Hub
     previous = read_json(common.RESULTS_DIR / f"{NAME}.json") if (common.RESULTS_DIR / f"{NAME}.json").exists() else {}
     reference_matrix = read_json(common.RESULTS_DIR / "protection_matrix.json")
     clean_cells = reference_matrix["cells"].get("clean", {})

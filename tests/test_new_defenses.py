@@ -178,3 +178,23 @@ def test_notch_removes_most_of_a_class_wise_grating(cifar_small):
                        defense.prepare_training_images(jpeg(protected, 10))), "JPEG first, then the notch"
     with pytest.raises(ValueError, match="notch_radius"):
         build_defense("notch", [dataclasses.replace(defense.settings, notch_radius=9)])
+
+
+def test_median_removes_isolated_pixels_and_keeps_flat_regions(cifar_small):
+    """--defense median: one pixel set to a far colour in every image is gone after the 3x3 median (it
+    moves at most its neighbours' rank by one); a constant image and the dtype are unchanged."""
+    from sep_hf.defenses.median import median_filter
+
+    defense = build_defense("median", [])
+    images = cifar_small.train_images[:64]
+    spiked = images.clone()
+    spiked[:, :, 10, 20] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(1, 3)
+    filtered, reference = defense.prepare_training_images(spiked), defense.prepare_training_images(images)
+    assert filtered.dtype == torch.uint8 and filtered.shape == images.shape
+    spike = (spiked.float() - images.float())[:, :, 10, 20].abs().mean()
+    assert (filtered.float() - reference.float())[:, :, 10, 20].abs().mean() < 0.1 * spike, "the spike is gone"
+    flat = torch.full((2, 3, 16, 16), 77, dtype=torch.uint8)
+    assert torch.equal(median_filter(flat, 5), flat)
+    assert not torch.equal(reference, images), "the filter changes natural images"
+    with pytest.raises(ValueError, match="median_size"):
+        build_defense("median", [dataclasses.replace(defense.settings, median_size=4)])
