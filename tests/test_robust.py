@@ -294,3 +294,31 @@ def test_sep_robust_refuses_more_classes_than_grating_signatures_before_crafting
     context.columns.num_classes = 10
     given[RobustArguments] = RobustArguments()
     assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 10
+
+
+def test_pixel_shortcuts_set_one_saturated_cell_per_class_inside_the_crop_margin():
+    """sep_hf.pixel_shortcuts: one seeded (position, colour) per class, distinct positions 4 cells inside the
+    border, same-coloured classes 12 cells apart; at 32x32 exactly one pixel changes, at 64x48 one block of 2 rows."""
+    from sep_hf.pixel_shortcuts import MAX_CLASSES, SATURATED, class_pixels, pixel_signatures
+
+    signatures = pixel_signatures(12, seed=5)
+    assert signatures == pixel_signatures(12, seed=5) and signatures != pixel_signatures(12, seed=6)
+    assert len({(r, c) for r, c, _ in signatures}) == 12 and all(4 <= r <= 27 and 4 <= c <= 27 for r, c, _ in signatures)
+    for i, (r, c, rgb) in enumerate(signatures):
+        assert rgb in SATURATED
+        assert all(max(abs(r - r2), abs(c - c2)) >= 12 for r2, c2, rgb2 in signatures[i + 1:] if rgb2 == rgb)
+    images, labels = torch.rand(12, 3, 32, 32), torch.arange(12)
+    marked = class_pixels(images, labels, 12, seed=5)
+    changed = (marked != images).any(1)
+    assert changed.flatten(1).sum(1).tolist() == [1] * 12 and torch.equal(images, images.clone())
+    for i, (r, c, rgb) in enumerate(signatures):
+        assert torch.equal(marked[i, :, r, c], torch.tensor(rgb) / 255)
+    padded = torch.rand(2, 3, 64, 64)  # a bucket holding a 64x48 image and a 32x32 one
+    marked = class_pixels(padded, torch.tensor([0, 1]), 12, seed=5, sizes=torch.tensor([[64, 48], [32, 32]]))
+    r, c, _ = signatures[0]
+    block = (marked[0] != padded[0]).any(0).nonzero()
+    assert set(block[:, 0].tolist()) == {2 * r, 2 * r + 1}
+    assert set(block[:, 1].tolist()) == set(range(48 * c // 32, max(48 * (c + 1) // 32, 48 * c // 32 + 1)))
+    assert (marked[1] != padded[1]).any(0).nonzero().tolist() == [[signatures[1][0], signatures[1][1]]]
+    with pytest.raises(ValueError, match=f"room for {MAX_CLASSES} classes"):
+        pixel_signatures(MAX_CLASSES + 1, seed=0)
