@@ -278,6 +278,18 @@ def test_grating_amplitude_is_added_after_crafting_beyond_the_budget(tiny_ensemb
         SEPConfig(grating_amplitude=-1)
 
 
+def test_pixel_shortcuts_are_set_after_crafting_and_grating(tiny_ensemble, batch, means):
+    from sep_hf.pixel_shortcuts import class_pixels
+
+    images, labels = batch
+    config = SEPConfig(method="sep-fa", steps=2, step_size=2 / 255, grating_amplitude=6)
+    plain = craft_sep(images, labels, tiny_ensemble, config, class_means=means, indices=torch.arange(100, 124))
+    config.pixel_shortcuts = True
+    marked = craft_sep(images, labels, tiny_ensemble, config, class_means=means, indices=torch.arange(100, 124))
+    assert torch.equal(marked, class_pixels(plain, labels, 10, config.seed))
+    assert ((marked != plain).any(1).flatten(1).sum(1) <= 1).all() and (marked != plain).any()
+
+
 def test_sep_robust_refuses_more_classes_than_grating_signatures_before_crafting():
     from types import SimpleNamespace
 
@@ -288,6 +300,9 @@ def test_sep_robust_refuses_more_classes_than_grating_signatures_before_crafting
     context = SimpleNamespace(arguments=given.__getitem__, eps=8 / 255, seed=0, bf16=False,
                               columns=SimpleNamespace(num_classes=13))
     with pytest.raises(ValueError, match="12 class signatures .* 13 classes: pass --grating_amplitude 0"):
+        SEPRobustTransform.config_from(context, "sep-robust")
+    given[RobustArguments] = RobustArguments(grating_amplitude=0, pixel_shortcuts=True)
+    with pytest.raises(ValueError, match="room for 12 classes .* 13: pass --pixel_shortcuts False"):
         SEPRobustTransform.config_from(context, "sep-robust")
     given[RobustArguments] = RobustArguments(grating_amplitude=0)
     assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 0

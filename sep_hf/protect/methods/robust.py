@@ -14,7 +14,9 @@ JPEG-10). ``sep-robust`` runs the same self-ensemble crafting (``--robust_base``
 * a class-wise luma grating added after crafting (``--grating_amplitude``, default 10/255;
   ``sep_hf.gratings``): beyond the L-inf budget, so adversarial training at the budget's radius does
   not cancel it and JPEG-10 keeps it. The largest pixel change is eps + the amplitude (8 + 10 = 18/255
-  at the defaults, 28.9 dB on CIFAR-10); ``--grating_amplitude 0`` keeps every pixel within eps.
+  at the defaults, 28.9 dB on CIFAR-10); ``--grating_amplitude 0`` keeps every pixel within eps;
+* one-pixel shortcuts (``--pixel_shortcuts``, off by default; ``sep_hf.pixel_shortcuts``): one
+  seeded saturated pixel per class, after the grating (OPS, Wu et al., ICLR 2023).
 
 The defaults are the best setting measured in bench/robust_protection.py (its JSON lists every
 candidate tried, with the floor over all appropriator trainings and over the held-out ones).
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sep_hf.gratings import SIGNATURES
+from sep_hf.pixel_shortcuts import MAX_CLASSES as PIXEL_CLASSES
 from sep_hf.protect import register_protection
 from sep_hf.protect.eot import parse_views
 from sep_hf.protect.methods.sep import METHODS, SEPConfig, SEPTransform, classwise_levels
@@ -50,6 +53,7 @@ class RobustArguments:
     classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
+    pixel_shortcuts: bool = field(default=False, metadata={"help": "--method sep-robust: after the grating, set one saturated pixel per class (position and colour from --protection_seed: keep it private; sep_hf.pixel_shortcuts), far beyond --eps: the one-pixel shortcut (OPS) adversarial training cannot move."})
     grating_amplitude: int = field(default=10, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps: the largest pixel change is eps + this (sep_hf.gratings; 0: off, every pixel within eps). Its phases come from --protection_seed: keep it private."})
 
     def __post_init__(self):
@@ -76,11 +80,15 @@ class SEPRobustTransform(SEPTransform):
         config.classwise_block = robust.classwise_block
         config.jpeg_grid_quality = robust.jpeg_grid_quality
         config.grating_amplitude = robust.grating_amplitude
+        config.pixel_shortcuts = robust.pixel_shortcuts
         config.__post_init__()
         classes = context.columns.num_classes
         if config.grating_amplitude and classes > len(SIGNATURES):  # before any compute, not in the first batch
             raise ValueError(f"--grating_amplitude has {len(SIGNATURES)} class signatures and the dataset has {classes} "
                              "classes: pass --grating_amplitude 0 (SEP within eps only).")
+        if config.pixel_shortcuts and classes > PIXEL_CLASSES:
+            raise ValueError(f"--pixel_shortcuts has room for {PIXEL_CLASSES} classes and the dataset has {classes}: "
+                             "pass --pixel_shortcuts False.")
         return config
 
     def describe(self) -> dict:
@@ -90,7 +98,7 @@ class SEPRobustTransform(SEPTransform):
                 "eot_samples": config.eot_samples, "perturbation_block": config.perturbation_block,
                 "shared_channels": config.shared_channels, "classwise_share": config.classwise_share,
                 "classwise_block": config.classwise_block, "jpeg_grid_quality": config.jpeg_grid_quality,
-                "grating_amplitude": config.grating_amplitude,
+                "grating_amplitude": config.grating_amplitude, "pixel_shortcuts": config.pixel_shortcuts,
                 "crafted_against": crafted_against}
 
     def card_lines(self, results: dict) -> list[str]:
@@ -109,6 +117,9 @@ class SEPRobustTransform(SEPTransform):
             lines.append(f"- class-wise grating: every image also carries its class's luma grating (periods 8-16 pixels, "
                          f"random phase) of {config.grating_amplitude}/255 amplitude, beyond the budget: the largest pixel "
                          f"change is eps + {config.grating_amplitude}/255")
+        if config.pixel_shortcuts:
+            lines.append("- pixel shortcuts: in every image one cell of a 32x32 grid over the image (one pixel at 32x32) is set "
+                         "to its class's saturated colour, far beyond the budget (up to 255/255 on that cell)")
         if config.classwise_share > 0:
             lines.append(f"- class-wise component: {classwise_levels(config)}/255 of the budget is one fixed +-pattern per "
                          f"class ({config.classwise_block}x{config.classwise_block} blocks, the same on every channel)")

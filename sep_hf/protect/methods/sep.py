@@ -37,6 +37,7 @@ from sep_hf.budget import Budget
 from sep_hf.data.load import public_name
 from sep_hf.gratings import class_gratings
 from sep_hf.models import RaggedResize, resize_to_model
+from sep_hf.pixel_shortcuts import class_pixels
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, config_hash
 from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
@@ -71,6 +72,7 @@ class SEPConfig:
     classwise_block: int = field(default=4, metadata={"help": "The class-wise pattern is constant over BxB blocks."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "After crafting, pick each 8x8 block's luma DC level at this JPEG quality (0: off)."})
     grating_amplitude: int = field(default=0, metadata={"help": "Levels (1/255) of a class-wise luma grating added after crafting, beyond eps (0: off)."})
+    pixel_shortcuts: bool = field(default=False, metadata={"help": "After crafting, set one seeded saturated pixel per class (sep_hf.pixel_shortcuts), beyond eps."})
 
     def __post_init__(self):
         views = self.craft_transforms
@@ -316,6 +318,8 @@ SEP-FA-VR variance reduction).
     if config.grating_amplitude:  # model-free, beyond the budget: adversarial training at eps cannot cancel it
         gratings = class_gratings(labels.cpu(), indices.cpu(), protected.shape[-2:], ensemble.num_classes, config.seed)
         protected = (protected + config.grating_amplitude / 255 * gratings.to(protected)).mul(255).round().div(255).clamp(0, 1)
+    if config.pixel_shortcuts:  # one pixel far beyond the budget: neither AT's radius nor RSE's noise moves it back
+        protected = class_pixels(protected, labels.cpu(), ensemble.num_classes, config.seed, sizes)
     return protected
 
 
@@ -479,7 +483,7 @@ class SEPTransform(ProtectionTransform):
         means = None if self.class_means is None else tensor_hash(self.class_means)
         targets = () if self.targets is None else (self.targets.tolist(),)  # all classes present: the historical key
         config = asdict(self.config)
-        for flag in ("jpeg_grid_quality", "grating_amplitude"):
+        for flag in ("jpeg_grid_quality", "grating_amplitude", "pixel_shortcuts"):
             if not config[flag]:
                 del config[flag]  # off: the key crafted shards had before the flag existed, so they resume
         return config_hash(config, self.ensemble.fingerprint, means, self.ensemble.device.type, *targets)
