@@ -9,7 +9,8 @@ per class, at one position, to one corner of the RGB cube in every image of the 
 (up to 255/255) is far above AT's radius and its L2 tiny (about 1 dB at 32x32). Positions and
 colours come from the seed, not from a search on the images (``sep_hf.pixel_shortcuts``: what
 sep-robust would ship; the paper searches them). Written under bench/runs/pixel-{base}/, victims
-victim-robust-pixel-{base}-...; bench/results/pixel_pilot.{json,md}.
+victim-robust-pixel-{base}-...; bench/results/pixel_pilot.{json,md}, with each victim's reliance on the
+pixels (its accuracy on clean test images carrying their own class's pixel, or the next class's).
 """
 
 import argparse
@@ -71,8 +72,35 @@ def main():
     for column in args.defenses:
         cell = matrix.victim("sep-robust", dataset, args.dataset, column, args, data_name=f"robust-pixel-{args.base}")
         entry["cells"][column] = cell["eval_accuracy"]
+        reliance = shortcut_reliance(matrix.victim_dir("sep-robust", column, args.eps, args.model,
+                                                       data_name=f"robust-pixel-{args.base}"), args.dataset)
+        entry.setdefault("shortcut_reliance", {})[column] = reliance
         write(record)
     write(record)
+
+
+def shortcut_reliance(victim_dir, clean_path: str, num_classes: int = 10, rows: int = 2000) -> dict:
+    """How much a trained victim uses the pixel shortcuts: its accuracy on the first ``rows`` clean test
+    images as they are, with their own class's pixel, and with the next class's pixel (and how often it
+    then predicts that next class)."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(str(victim_dir / "model")).eval()
+    normalization = read_json(victim_dir / "results.json")["normalization"]
+    mean, std = (torch.tensor(normalization[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    test = load_dataset(clean_path, split=f"test[:{rows}]")
+    x, labels = to_tensor(test["img"]).float() / 255, torch.tensor(test["label"])
+    shifted = (labels + 1) % num_classes
+
+    def predict(images):
+        with torch.no_grad():
+            return torch.cat([model(pixel_values=(b - mean) / std).logits.argmax(1) for b in images.split(500)])
+
+    plain, own = predict(x), predict(class_pixels(x, labels, num_classes, SEED))
+    other = predict(class_pixels(x, shifted, num_classes, SEED))
+    return {"clean": float((plain == labels).float().mean()), "own_class_pixel": float((own == labels).float().mean()),
+            "next_class_pixel": float((other == labels).float().mean()),
+            "predicts_next_class": float((other == shifted).float().mean())}
 
 
 def write(record: dict) -> None:
