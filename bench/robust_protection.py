@@ -28,7 +28,7 @@ from common import SHARED_CIFAR10, markdown_table, read_json, write_results
 
 NAME = "robust_protection"
 # name -> sep-robust flags (the candidates before the grating say grating_amplitude 0: it is on by default
-# since eot-grating10 was promoted). Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
+# since eot-grating10 was promoted; 12/255 since eot-grating12 was). Every candidate runs SEP-FA (T=10 steps of 2/255, K=6: 60 gradient
 # evaluations per image, the cpu preset) unless its flags say otherwise. ``source_defense``: the
 # checkpoints come from a source run trained through that victim defense (idea 2: a robust
 # self-ensemble; ``train_source.py --preset cpu --defense D``, in RUNS_DIR/source-cpu-D).

@@ -133,14 +133,14 @@ def test_sep_robust_through_protect_py_is_the_same_for_one_and_two_processes(loo
     run_recipe("protect.py", _args(tiny_source_run, one))
     run_recipe("protect.py", _args(tiny_source_run, two), num_processes=2)
     results = json.loads((one / "results.json").read_text())
-    assert results["method"] == "sep-robust" and results["base_method"] == "sep-fa" and results["grating_amplitude"] == 10
-    assert 10 < results["max_linf"] <= 8 + 10, "the default grating goes beyond the budget, by its amplitude at most"
+    assert results["method"] == "sep-robust" and results["base_method"] == "sep-fa" and results["grating_amplitude"] == 12
+    assert 12 < results["max_linf"] <= 8 + 12, "the default grating goes beyond the budget, by its amplitude at most"
     assert results["craft_transforms"] == ["jpeg", "noise", "augment"] and results["perturbation_block"] == 2
     assert results["crafted_against"] == ["jpeg", "none", "rse"]  # augment's crop/flip is standard training
     assert json.loads((two / "results.json").read_text())["num_processes"] == 2
     card = (one / "dataset" / "README.md").read_text()
     assert "robust crafting on `sep-fa`" in card and "jpeg, noise, augment" in card
-    assert "class-wise grating" in card and "eps + 10/255" in card
+    assert "class-wise grating" in card and "eps + 12/255" in card
 
     def pixels(folder):
         return [row["img"].tobytes() for row in load_folder(folder / "dataset")["train"]]
@@ -308,7 +308,7 @@ def test_sep_robust_refuses_more_classes_than_grating_signatures_before_crafting
     assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 0
     context.columns.num_classes = 10
     given[RobustArguments] = RobustArguments()
-    assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 10
+    assert SEPRobustTransform.config_from(context, "sep-robust").grating_amplitude == 12
 
 
 def test_pixel_shortcuts_set_one_saturated_cell_per_class_inside_the_crop_margin():

@@ -11,10 +11,10 @@ JPEG-10). ``sep-robust`` runs the same self-ensemble crafting (``--robust_base``
   its global index, so the output does not depend on batches or processes;
 * a perturbation space the squeezes keep (``--perturbation_block``, ``--shared_channels``): the
   step direction is constant over BxB blocks and/or shared by the colour channels (luma only);
-* a class-wise luma grating added after crafting (``--grating_amplitude``, default 10/255;
+* a class-wise luma grating added after crafting (``--grating_amplitude``, default 12/255;
   ``sep_hf.gratings``): beyond the L-inf budget, so adversarial training at the budget's radius does
-  not cancel it and JPEG-10 keeps it. The largest pixel change is eps + the amplitude (8 + 10 = 18/255
-  at the defaults, 28.9 dB on CIFAR-10); ``--grating_amplitude 0`` keeps every pixel within eps;
+  not cancel it and JPEG-10 keeps it. The largest pixel change is eps + the amplitude (8 + 12 = 20/255
+  at the defaults, 28.1 dB on CIFAR-10); ``--grating_amplitude 0`` keeps every pixel within eps;
 * one-pixel shortcuts (``--pixel_shortcuts``, off by default; ``sep_hf.pixel_shortcuts``): one
   seeded saturated pixel per class, after the grating (OPS, Wu et al., ICLR 2023).
 
@@ -54,7 +54,7 @@ class RobustArguments:
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
     pixel_shortcuts: bool = field(default=False, metadata={"help": "--method sep-robust: after the grating, set one saturated pixel per class (position and colour from --protection_seed: keep it private; sep_hf.pixel_shortcuts), far beyond --eps: the one-pixel shortcut (OPS) adversarial training cannot move."})
-    grating_amplitude: int = field(default=10, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps: the largest pixel change is eps + this (sep_hf.gratings; 0: off, every pixel within eps). Its phases come from --protection_seed: keep it private."})
+    grating_amplitude: int = field(default=12, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps: the largest pixel change is eps + this (sep_hf.gratings; 0: off, every pixel within eps). Its phases come from --protection_seed: keep it private."})
 
     def __post_init__(self):
         if self.robust_base not in METHODS:
