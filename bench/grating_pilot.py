@@ -31,21 +31,22 @@ def to_tensor(images) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in images])
 
 
-def build(amplitude: float, crafted: str, clean_path: str) -> tuple[str, dict]:
-    out = matrix.RUNS_DIR / f"pilot-grating{amplitude:g}"
-    dataset_dir = out / "dataset"
-    if (out / "stats.json").exists():
-        return str(dataset_dir), read_json(out / "stats.json")
+def load_crafted(crafted: str, clean_path: str):
+    """The crafted rows and the clean rows they protect: (protected split, x float (N, 3, H, W) in 0..255, x0, labels)."""
     protected = load_image_dataset(crafted).split("train")  # not load_dataset(folder): its cache is keyed on the card
     clean = load_dataset(clean_path, split=f"train[:{len(protected)}]")
     assert protected["label"] == clean["label"], "the crafted images are not the first rows of the clean split"
-    x, x0 = to_tensor(protected["img"]).float(), to_tensor(clean["img"]).float()
-    labels = torch.tensor(protected["label"])
-    grating = class_gratings(labels, torch.arange(len(labels)), x.shape[-2:], 10, SEED)
-    y = (x + amplitude * grating).round().clamp(0, 255)
+    return protected, to_tensor(protected["img"]).float(), to_tensor(clean["img"]).float(), torch.tensor(protected["label"])
+
+
+def mean_psnr(y: torch.Tensor, x0: torch.Tensor) -> float:
     mse = (y - x0).pow(2).flatten(1).mean(1).clamp_min(1e-6)
-    stats = {"amplitude": amplitude, "mean_psnr": float((10 * torch.log10(255**2 / mse)).mean()),
-             "max_linf": int((y - x0).abs().max()), "crafted_from": crafted}
+    return float((10 * torch.log10(255**2 / mse)).mean())
+
+
+def save_folder(out, y: torch.Tensor, protected, crafted: str, stats: dict) -> str:
+    """``y`` (N, 3, H, W) in 0..255 as a Hub-layout folder out/dataset with the crafted card; stats.json last."""
+    dataset_dir = out / "dataset"
     images = [y_.permute(1, 2, 0).to(torch.uint8).numpy() for y_ in y]
     table = Dataset.from_dict({"img": images, "label": protected["label"]}).cast_column("img", Image())
     table = table.cast_column("label", protected.features["label"])
@@ -53,7 +54,27 @@ def build(amplitude: float, crafted: str, clean_path: str) -> tuple[str, dict]:
     table.to_parquet(str(dataset_dir / "data" / "train-00000-of-00001.parquet"))
     shutil.copy(f"{crafted}/README.md", dataset_dir / "README.md")
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    return str(dataset_dir), stats
+    return str(dataset_dir)
+
+
+def build(amplitude: float, crafted: str, clean_path: str) -> tuple[str, dict]:
+    out = matrix.RUNS_DIR / f"pilot-grating{amplitude:g}"
+    if (out / "stats.json").exists():
+        return str(out / "dataset"), read_json(out / "stats.json")
+    protected, x, x0, labels = load_crafted(crafted, clean_path)
+    grating = class_gratings(labels, torch.arange(len(labels)), x.shape[-2:], 10, SEED)
+    y = (x + amplitude * grating).round().clamp(0, 255)
+    stats = {"amplitude": amplitude, "mean_psnr": mean_psnr(y, x0), "max_linf": int((y - x0).abs().max()),
+             "crafted_from": crafted}
+    return save_folder(out, y, protected, crafted, stats), stats
+
+
+def matrix_protocol(args):
+    """``args`` with the protection matrix's victim protocol (8/255 rows, smallnet_cifar, cpu preset sizes)."""
+    args.eps, args.model, args.report_only = 8.0, "smallnet_cifar", False
+    for flag in ("max_train_samples", "max_eval_samples", "epochs"):
+        setattr(args, flag, None)
+    return args
 
 
 def main():
@@ -61,10 +82,7 @@ def main():
     parser.add_argument("--amplitudes", nargs="+", type=float, default=[10.0])
     parser.add_argument("--defenses", nargs="+", default=["none", "jpeg"])
     parser.add_argument("--dataset", default=str(SHARED_CIFAR10))
-    args = parser.parse_args()
-    args.eps, args.model, args.report_only = 8.0, "smallnet_cifar", False
-    for flag in ("max_train_samples", "max_eval_samples", "epochs"):
-        setattr(args, flag, None)
+    args = matrix_protocol(parser.parse_args())
     crafted = str(matrix.RUNS_DIR / "protect-robust-eot-eps8" / "dataset")
     path = RESULTS_DIR / "grating_pilot.json"
     record = read_json(path) if path.exists() else {"runs": {}}

@@ -14,16 +14,13 @@ pixels (its accuracy on clean test images carrying their own class's pixel, or t
 """
 
 import argparse
-import json
-import shutil
 
 import protection_matrix as matrix
 import torch
 from common import RESULTS_DIR, SHARED_CIFAR10, markdown_table, read_json, write_results
-from datasets import Dataset, Image, load_dataset
-from grating_pilot import to_tensor
+from datasets import load_dataset
+from grating_pilot import load_crafted, matrix_protocol, mean_psnr, save_folder, to_tensor
 
-from sep_hf.data.load import load_image_dataset
 from sep_hf.pixel_shortcuts import class_pixels, pixel_signatures
 
 SEED = 0  # the bench's --protection_seed
@@ -31,29 +28,15 @@ SEED = 0  # the bench's --protection_seed
 
 def build(base: str, clean_path: str) -> tuple[str, dict]:
     out = matrix.RUNS_DIR / f"pixel-{base}"
-    dataset_dir = out / "dataset"
     if (out / "stats.json").exists():
-        return str(dataset_dir), read_json(out / "stats.json")
+        return str(out / "dataset"), read_json(out / "stats.json")
     crafted = str(matrix.RUNS_DIR / f"protect-robust-{base}-eps8" / "dataset")
-    protected = load_image_dataset(crafted).split("train")  # not load_dataset(folder): its cache is keyed on the card
-    clean = load_dataset(clean_path, split=f"train[:{len(protected)}]")
-    assert protected["label"] == clean["label"], "the crafted images are not the first rows of the clean split"
-    x, x0 = to_tensor(protected["img"]).float(), to_tensor(clean["img"]).float()
-    labels = torch.tensor(protected["label"])
+    protected, x, x0, labels = load_crafted(crafted, clean_path)
     num_classes = int(labels.max()) + 1
     y = class_pixels(x / 255, labels, num_classes, SEED) * 255
-    mse = lambda a: (a - x0).pow(2).flatten(1).mean(1).clamp_min(1e-6)  # noqa: E731
-    psnr = lambda a: float((10 * torch.log10(255**2 / mse(a))).mean())  # noqa: E731
-    stats = {"base": base, "pixels": pixel_signatures(num_classes, SEED), "mean_psnr": psnr(y), "base_mean_psnr": psnr(x),
-             "max_linf": int((y - x0).abs().max()), "crafted_from": crafted}
-    images = [y_.permute(1, 2, 0).to(torch.uint8).numpy() for y_ in y]
-    table = Dataset.from_dict({"img": images, "label": protected["label"]}).cast_column("img", Image())
-    table = table.cast_column("label", protected.features["label"])
-    (dataset_dir / "data").mkdir(parents=True, exist_ok=True)
-    table.to_parquet(str(dataset_dir / "data" / "train-00000-of-00001.parquet"))
-    shutil.copy(f"{crafted}/README.md", dataset_dir / "README.md")
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    return str(dataset_dir), stats
+    stats = {"base": base, "pixels": pixel_signatures(num_classes, SEED), "mean_psnr": mean_psnr(y, x0),
+             "base_mean_psnr": mean_psnr(x, x0), "max_linf": int((y - x0).abs().max()), "crafted_from": crafted}
+    return save_folder(out, y, protected, crafted, stats), stats
 
 
 def main():
@@ -61,10 +44,7 @@ def main():
     parser.add_argument("--base", default="eot-grating10", help="A bench/robust_protection.py candidate, crafted.")
     parser.add_argument("--defenses", nargs="+", default=["none", "at"])
     parser.add_argument("--dataset", default=str(SHARED_CIFAR10))
-    args = parser.parse_args()
-    args.eps, args.model, args.report_only = 8.0, "smallnet_cifar", False
-    for flag in ("max_train_samples", "max_eval_samples", "epochs"):
-        setattr(args, flag, None)
+    args = matrix_protocol(parser.parse_args())
     path = RESULTS_DIR / "pixel_pilot.json"
     record = read_json(path) if path.exists() else {"runs": {}}
     dataset, stats = build(args.base, args.dataset)
