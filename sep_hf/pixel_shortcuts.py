@@ -1,5 +1,8 @@
 """Class-wise pixel shortcuts: one saturated pixel per class, a component adversarial training cannot cancel.
 
+Measured here, it does not help: at cpu scale the PGD-4 and RSE victims ignore it (bench/pixel_pilot.py,
+docs/results.md), so sep-robust keeps it off by default; standard training takes it completely.
+
 One-Pixel Shortcut (OPS; Wu et al., "One-Pixel Shortcut: on the Learning Preference of Deep Neural
 Networks", ICLR 2023) sets, in every image of a class, one pixel at one position to one corner of the
 RGB cube; a victim learns that pixel instead of the images (ResNet-18 on CIFAR-10: 10.6% test accuracy

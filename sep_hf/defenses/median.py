@@ -2,9 +2,9 @@
 
 A k x k median replaces every pixel by the median of its neighbourhood, per channel: an isolated
 pixel set far from its neighbours (OPS, Wu et al., "One-Pixel Shortcut", ICLR 2023) disappears
-completely, while edges survive better than under a blur of the same size. The OPS paper names the
-median filter as the purification that undoes its shortcut; here it is the matching column for
-sep-robust's pixel component. Reflect padding. Training images only.
+completely, while edges survive better than under a blur of the same size: the standard answer to
+sparse perturbations, and the matching column for sep-robust's ``--pixel_shortcuts``. Not from a paper
+(a textbook filter). Reflect padding. Training images only.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ JPEG-10). ``sep-robust`` runs the same self-ensemble crafting (``--robust_base``
   not cancel it and JPEG-10 keeps it. The largest pixel change is eps + the amplitude (8 + 12 = 20/255
   at the defaults, 28.1 dB on CIFAR-10); ``--grating_amplitude 0`` keeps every pixel within eps;
 * one-pixel shortcuts (``--pixel_shortcuts``, off by default; ``sep_hf.pixel_shortcuts``): one
-  seeded saturated pixel per class, after the grating (OPS, Wu et al., ICLR 2023).
+  seeded saturated pixel per class, after the grating (OPS, Wu et al., ICLR 2023); measured, the
+  adversarially trained and RSE victims ignore it, so it stays off.
 
 The defaults are the best setting measured in bench/robust_protection.py (its JSON lists every
 candidate tried, with the floor over all appropriator trainings and over the held-out ones).
@@ -53,7 +54,7 @@ class RobustArguments:
     classwise_share: float = field(default=0.0, metadata={"help": "--method sep-robust: share of the budget given to a model-free class-wise pattern (+-1 on BxB blocks, the same on every channel, seeded by --protection_seed: keep it private); SEP crafts within the rest."})
     classwise_block: int = field(default=4, metadata={"help": "--method sep-robust: block size of the class-wise pattern."})
     jpeg_grid_quality: int = field(default=0, metadata={"help": "--method sep-robust: after crafting, pick each 8x8 block's luma DC level at this JPEG quality, the side the loss descends (0: off; bench/jpeg_grid.py)."})
-    pixel_shortcuts: bool = field(default=False, metadata={"help": "--method sep-robust: after the grating, set one saturated pixel per class (position and colour from --protection_seed: keep it private; sep_hf.pixel_shortcuts), far beyond --eps: the one-pixel shortcut (OPS) adversarial training cannot move."})
+    pixel_shortcuts: bool = field(default=False, metadata={"help": "--method sep-robust: after the grating, set one saturated pixel per class (position and colour from --protection_seed: keep it private; sep_hf.pixel_shortcuts), far beyond --eps: the one-pixel shortcut (OPS). Off: measured, AT and RSE victims ignore it (docs/results.md)."})
     grating_amplitude: int = field(default=12, metadata={"help": "--method sep-robust: add a class-wise luma grating of this many levels (1/255) after crafting, beyond --eps: the largest pixel change is eps + this (sep_hf.gratings; 0: off, every pixel within eps). Its phases come from --protection_seed: keep it private."})
 
     def __post_init__(self):
