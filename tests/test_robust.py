@@ -141,6 +141,8 @@ def test_sep_robust_through_protect_py_is_the_same_for_one_and_two_processes(loo
     card = (one / "dataset" / "README.md").read_text()
     assert "robust crafting on `sep-fa`" in card and "jpeg, noise, augment" in card
     assert "class-wise grating" in card and "eps + 12/255" in card
+    assert "every pixel satisfies" not in card, "the grating goes beyond eps: the card must not claim every pixel is within it"
+    assert f"within 8/255; the components beyond the budget listed above bring the largest change to {results['max_linf']}/255" in card
 
     def pixels(folder):
         return [row["img"].tobytes() for row in load_folder(folder / "dataset")["train"]]
