@@ -67,12 +67,14 @@ def class_pixels(images: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     """
     out = images.clone()
     signatures = pixel_signatures(num_classes, seed)
-    heights = sizes[:, 0].tolist() if sizes is not None else [images.shape[-2]] * len(images)
-    widths = sizes[:, 1].tolist() if sizes is not None else [images.shape[-1]] * len(images)
-    for i, label in enumerate(labels.tolist()):
+    if sizes is None:
+        sizes = torch.tensor(images.shape[-2:]).expand(len(images), 2)
+    groups = torch.cat([labels.view(-1, 1).cpu(), sizes.cpu()], dim=1)
+    for label, height, width in groups.unique(dim=0).tolist():  # one block per (class, size), not per image
+        members = (groups == torch.tensor([label, height, width])).all(1).nonzero().flatten().to(images.device)
         row, col, rgb = signatures[label]
         colour = torch.tensor(rgb if images.shape[1] == 3 else [255 * (sum(rgb) > 255)], dtype=images.dtype)
-        top, left = heights[i] * row // GRID, widths[i] * col // GRID
-        bottom, right = max(heights[i] * (row + 1) // GRID, top + 1), max(widths[i] * (col + 1) // GRID, left + 1)
-        out[i, :, top:bottom, left:right] = (colour / 255).view(-1, 1, 1).to(images.device)
+        top, left = height * row // GRID, width * col // GRID
+        bottom, right = max(height * (row + 1) // GRID, top + 1), max(width * (col + 1) // GRID, left + 1)
+        out[members, :, top:bottom, left:right] = (colour / 255).view(1, -1, 1, 1).to(images.device)
     return out
