@@ -23,7 +23,7 @@ from sep_hf.arguments import HubArguments, RunArguments
 from sep_hf.data.view import DataArguments
 from sep_hf.defenses import defense_arguments
 from sep_hf.protect import protection_arguments
-from sep_hf.protect.job import ProtectArguments, budget_text, run_protection
+from sep_hf.protect.job import ProtectArguments, budget_text, check_protect_flags, run_protection
 from sep_hf.publish.cards import defense_label
 from sep_hf.publish.hub import HubError
 from sep_hf.source.job import run_source_training
@@ -78,6 +78,7 @@ def protect(argv: Sequence[str]) -> None:
     """Craft the protection of a dataset (training the source first without --checkpoints) and publish it."""
     args, data_args, source_config, run_args, *method_args = parse_args(protect_parser(), argv)
     run_args.output_dir = run_args.output_dir or f"runs/protect-{args.method}"
+    check_protect_flags(args, method_args)  # before the Accelerator: its errors are not the user's
     results = run_protection(args, data_args, source_config, run_args, _accelerator(run_args), method_args)
     if results is not None:
         where = results["hub_dataset_id"] or f"{run_args.output_dir}/dataset"

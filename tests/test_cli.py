@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tomllib
 import torch
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import REPO_ROOT
 from huggingface_hub import DatasetCard
 from PIL import Image
 from transformers import TrainingArguments
@@ -37,9 +37,27 @@ def test_unknown_command_prints_usage_and_exits_2(capsys):
     assert exit_info.value.code == 2 and "sep-hf {protect,train-source,train-victim}" in capsys.readouterr().err
 
 
-def test_user_error_is_one_line_before_any_compute(capsys):
+@pytest.fixture
+def accelerate_state_of_another_precision():
+    """accelerate's process-wide state as an earlier in-process run (a Trainer, a notebook cell) leaves it, with
+    the other mixed precision than the CLI's; the state the session had is put back afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    states = (AcceleratorState, PartialState, GradientState)
+    saved = [dict(state._shared_state) for state in states]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ours = cli.resolve_mixed_precision("auto", use_cpu=False)
+    Accelerator(cpu=True, mixed_precision="no" if ours == "bf16" else "bf16")
+    yield
+    for state, shared in zip(states, saved):
+        state._shared_state.clear()
+        state._shared_state.update(shared)
+
+
+def test_user_error_is_one_line_before_any_compute(capsys, tmp_path, accelerate_state_of_another_precision):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["protect", "--dataset", str(CIFAR10_DIR), "--method", "sep", "--eps", "0.5"])
+        cli.main(["protect", "--dataset", str(tmp_path), "--method", "sep", "--eps", "0.5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --eps 0.5 is below one 1/255 level")
 

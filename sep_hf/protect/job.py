@@ -60,7 +60,7 @@ from sep_hf.utils.logging import get_logger
 from sep_hf.utils.presets import apply_preset
 from sep_hf.utils.runtime import resolve_mixed_precision
 
-__all__ = ["ProtectArguments", "ProtectionContext", "run_protection", "budget_text", "GRID_FILE", "DATASET_DIR"]
+__all__ = ["ProtectArguments", "ProtectionContext", "run_protection", "check_protect_flags", "budget_text", "GRID_FILE", "DATASET_DIR"]
 
 logger = get_logger(__name__)
 
@@ -276,6 +276,17 @@ def budget_text(eps: int | None) -> str:
     return f"eps {eps}/255" if eps is not None else "no L-inf budget"
 
 
+def check_protect_flags(args: ProtectArguments, method_args: list | tuple = ()) -> type:
+    """The method, its flags and its budget, checked from the flags alone; returns the method's class.
+
+    ``sep-hf protect`` calls it before building the Accelerator: a user error must be the one line about
+    the flag, whatever accelerate's process-wide state says."""
+    transform_cls = get_protection(args.method)
+    check_method_flags(args.method, method_args)  # another method's flag would do nothing
+    _check_budget(args, transform_cls)
+    return transform_cls
+
+
 def _check_budget(args: ProtectArguments, transform_cls: type) -> None:
     if not transform_cls.has_budget:
         if args.eps is not None:
@@ -336,9 +347,7 @@ def run_protection(
     apply_preset(run_args.preset, data_args, source_config)
     output_dir = Path(run_args.output_dir)
     wall: dict[str, float] = {}
-    transform_cls = get_protection(args.method)
-    check_method_flags(args.method, method_args)  # before any compute: another method's flag would do nothing
-    _check_budget(args, transform_cls)
+    transform_cls = check_protect_flags(args, method_args)
 
     # Validate everything before spending compute or touching the Hub
     with accelerator.main_process_first():
