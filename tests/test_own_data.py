@@ -269,28 +269,76 @@ def test_sep_targets_only_classes_that_have_training_images():
         present_targets(torch.tensor([0, 5, 0, 0, 0, 0, 0, 0, 0, 0]))
 
 
-@pytest.mark.parametrize("method", ["sep", "sep-fa-vr"])
-def test_images_of_different_sizes_crafted_together_match_crafting_each_alone(tiny_ensemble, method):
-    """A zero-padded canvas (RaggedResize) gives each image what crafting it alone (interpolate) gives."""
-    from sep_hf.protect.methods.sep import SEPConfig, craft_sep
+CANVAS_SHAPES = [(40, 56), (48, 36), (32, 32)]
+
+
+def _canvas_case(ensemble, method: str, steps: int):
+    """Three images of different sizes, alone and in one zero-padded canvas, with SEP's inputs for them."""
+    from sep_hf.protect.methods.sep import SEPConfig, target_classes
 
     generator = torch.Generator().manual_seed(0)
-    shapes = [(40, 56), (48, 36), (32, 32)]
-    images = [torch.randint(0, 256, (3, h, w), generator=generator).float() / 255 for h, w in shapes]
-    labels, indices = torch.tensor([1, 4, 7]), torch.tensor([10, 11, 12])
-    means = torch.randn(tiny_ensemble.num_models, 10, tiny_ensemble.models[0].features(torch.zeros(1, 3, 32, 32)).shape[1],
-                        generator=generator)
-    config = SEPConfig(method=method, eps=8 / 255, steps=3, step_size=2 / 255, bf16=False)
+    images = [torch.randint(0, 256, (3, h, w), generator=generator).float() / 255 for h, w in CANVAS_SHAPES]
     canvas = torch.zeros(3, 3, 48, 56)
     for slot, image in enumerate(images):
         canvas[slot, :, : image.shape[1], : image.shape[2]] = image
-    together = craft_sep(canvas, labels, tiny_ensemble, config, indices, means, sizes=torch.tensor(shapes))
+    labels, indices = torch.tensor([1, 4, 7]), torch.tensor([10, 11, 12])
+    width = ensemble.models[0].features(torch.zeros(1, 3, 32, 32)).shape[1]
+    means = torch.randn(ensemble.num_models, 10, width, generator=generator)
+    config = SEPConfig(method=method, eps=8 / 255, steps=steps, step_size=2 / 255, bf16=False)
+    return images, canvas, labels, indices, means, config, target_classes(labels, ensemble.num_classes)
+
+
+def _direction(ensemble, config, x, targets, means, sizes=None):
+    """SEP's (non-VR) crafting direction at ``x``, the sum of the checkpoints' loss gradients, computed as
+    ``craft_sep`` computes it (its private ``_grad``; through the canvas's ``RaggedResize`` when ``sizes`` is given)."""
+    from sep_hf.models import RaggedResize
+    from sep_hf.protect.methods.sep import _grad, _ViewedEnsemble
+
+    if sizes is not None:
+        ensemble = _ViewedEnsemble(ensemble, RaggedResize(sizes, x.shape[-2:], ensemble.models[0].input_size))
+    means = means if config.uses_features else None
+    return sum(_grad(ensemble, k, x, targets, means, bf16=False) for k in range(ensemble.num_models))
+
+
+@pytest.mark.parametrize("method", ["sep", "sep-fa"])
+def test_a_signed_step_on_a_canvas_differs_from_alone_only_where_the_gradient_is_float_noise(tiny_ensemble, method):
+    """Images of different sizes crafted together in a zero-padded canvas (RaggedResize, matmuls) or each alone
+    (interpolate). The canvas gives each image its gradient to float rounding (|D_t - D_a| <= 1e-3 max |D_a|), zero
+    on the padding; a signed step then differs only where D_t and D_a differ in sign, hence |D_a| <= |D_t - D_a|
+    there: a proven bound, not a share of pixels. Which pixels flip depends on the CPU's rounding (an AMX host
+    flips others than an AVX2 one); that only near-zero gradients can flip does not. (Over several steps flips
+    compound, up to the budget: the next test checks what holds there.)"""
+    from sep_hf.protect.methods.sep import craft_sep
+
+    images, canvas, labels, indices, means, config, targets = _canvas_case(tiny_ensemble, method, steps=1)
+    sizes = torch.tensor(CANVAS_SHAPES)
+    together = craft_sep(canvas, labels, tiny_ensemble, config, indices, means, sizes=sizes)
+    direction_together = _direction(tiny_ensemble, config, canvas, targets, means, sizes)
+    assert direction_together[0, :, 40:].abs().max() == 0 and direction_together[1, :, :, 36:].abs().max() == 0
     for slot, image in enumerate(images):
-        alone = craft_sep(image[None], labels[slot : slot + 1], tiny_ensemble, config, indices[slot : slot + 1], means)
+        height, width = image.shape[1:]
+        alone = craft_sep(image[None], labels[slot : slot + 1], tiny_ensemble, config, indices[slot : slot + 1], means)[0]
+        direction_alone = _direction(tiny_ensemble, config, image[None], targets[slot : slot + 1], means)[0]
+        gap = (direction_together[slot, :, :height, :width] - direction_alone).abs()
+        assert gap.max() <= 1e-3 * direction_alone.abs().max(), (slot, gap.max())
+        assert ((alone - image).abs() * 255).round().max() == 2  # the step moved the pixels, by 2 levels
+        flipped = together[slot, :, :height, :width] != alone
+        assert (direction_alone.abs()[flipped] <= gap[flipped]).all(), (slot, int(flipped.sum()))
+    assert together[0, :, 40:].abs().max() == 0 and together[1, :, :, 36:].abs().max() == 0  # padding untouched
+
+
+@pytest.mark.parametrize("method", ["sep", "sep-fa-vr"])
+def test_images_of_different_sizes_crafted_together_stay_within_their_budget(tiny_ensemble, method):
+    """Several steps (SEP-FA-VR's inner steps included) on a canvas: each image moved, within eps, on the 1/255
+    grid; the padding untouched."""
+    from sep_hf.protect.methods.sep import craft_sep
+
+    images, canvas, labels, indices, means, config, _ = _canvas_case(tiny_ensemble, method, steps=3)
+    together = craft_sep(canvas, labels, tiny_ensemble, config, indices, means, sizes=torch.tensor(CANVAS_SHAPES))
+    for slot, image in enumerate(images):
         crop = together[slot, :, : image.shape[1], : image.shape[2]]
-        levels = ((crop - alone[0]) * 255).round().abs()
-        assert levels.max() <= 1 and (levels == 0).float().mean() > 0.99, (slot, levels.max(), (levels > 0).sum())
-        assert ((crop - image).abs().amax() * 255).round() <= 8
+        assert 0 < ((crop - image).abs().amax() * 255).round() <= 8
+        assert torch.equal(crop, (crop * 255).round() / 255)
     assert together[0, :, 40:].abs().max() == 0 and together[1, :, :, 36:].abs().max() == 0  # padding untouched
 
 
