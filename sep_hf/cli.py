@@ -28,7 +28,7 @@ from sep_hf.publish.cards import defense_label
 from sep_hf.publish.hub import HubError
 from sep_hf.source.job import run_source_training
 from sep_hf.source.recipe import SourceTrainingConfig
-from sep_hf.utils.launch import prepare_launch
+from sep_hf.utils.launch import end_process_group, prepare_launch
 from sep_hf.utils.logging import setup_logging
 from sep_hf.utils.runtime import resolve_mixed_precision
 from sep_hf.victim.job import VictimArguments, run_victim
@@ -123,6 +123,8 @@ def run_main(command: Callable[[Sequence[str]], None], argv: Sequence[str], prog
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        end_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

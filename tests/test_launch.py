@@ -144,3 +144,31 @@ def test_worker_of_a_dead_relauncher_exits(tmp_path):
                             timeout=60)
     assert result.returncode == 1 and "is gone" in result.stderr, result.stderr
     assert not any(out.glob("*.pid"))
+
+
+@pytest.mark.parametrize("outcome", ["done", "user error"])
+def test_a_command_ends_its_process_group(tmp_path, outcome):
+    """run_main destroys torch.distributed's group when its command ends, however it ends: left to the interpreter's
+    exit, a gloo rank aborted now and then after the work was done (SIGABRT, "terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    from sep_hf.cli import run_main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    def command(argv):
+        assert dist.is_initialized()
+        if outcome == "user error":
+            raise ValueError("bad flag")
+
+    try:
+        if outcome == "done":
+            run_main(command, [])
+        else:
+            with pytest.raises(SystemExit):
+                run_main(command, [])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
