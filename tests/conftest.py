@@ -75,6 +75,21 @@ def _configure_hub_env() -> tuple[str, Path]:
 HUB_ENDPOINT, HF_HOME_DIR = _configure_hub_env()
 
 
+def _cifar10_dir() -> Path:
+    """The real CIFAR-10 copy beside the checkout, or (a clean clone alone, the fast tier) a generated stand-in with
+    its layout and columns (sep_hf.testing.cifar): the fast tier needs nothing outside the repo."""
+    if CIFAR10_DIR.is_dir():
+        return CIFAR10_DIR
+    from sep_hf.testing.cifar import build_cifar_standin
+
+    folder = Path(tempfile.mkdtemp(prefix="sep-hf-test-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return build_cifar_standin(folder / "cifar10")  # named as the real folder: cards show a local folder's name
+
+
+CIFAR10_DIR = _cifar10_dir()
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopbackHubHandle:
     url: str
@@ -240,7 +255,8 @@ def hub_repo_containing(repo_id: str, repo_type: str, needle: bytes, download_di
 # the source here, so a new recipe test lands in the slow tier without anyone remembering to mark it.
 # --------------------------------------------------------------------------------------------
 _STARTS_PROCESSES = ("run_recipe(", "launch_command(", "run_protection(",
-                     "run_source_training(", "run_victim(", "train_victim(", "subprocess.run(")
+                     "run_source_training(", "run_victim(", "train_victim(", "subprocess.run(",
+                     "qa_input(")  # ../shared/qa's builders: processes, and files from outside the repo
 
 
 def _starts_processes(function) -> bool:
