@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sep_hf.models import pretrained_config
+from sep_hf.utils.flags import whole_number
 
 __all__ = ["RunArguments", "HubArguments", "check_pretrained", "RESULTS_FILE", "CURVE_FILE", "CARD_FILE"]
 
@@ -22,6 +23,9 @@ class RunArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Discard checkpoints of a different earlier run in --output_dir."})
     mixed_precision: str = field(default="auto", metadata={"help": "no | bf16 | fp16 | auto (bf16 where the device runs it fast). 'no' also makes crafting fp32."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+
+    def __post_init__(self):
+        whole_number(self.gradient_accumulation_steps, "--gradient_accumulation_steps")
 
 
 @dataclass

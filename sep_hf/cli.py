@@ -5,9 +5,11 @@ file holding them, transformers' convention) and calls one job function; ``recip
 same commands as scripts, for ``accelerate launch recipes/protect.py ...``. Several processes:
 ``accelerate launch -m sep_hf protect ...``.
 
-A user error (bad dataset, flag, budget, checkpoints or Hub repo: ``ValueError`` or ``HubError``)
-ends in one line on stderr saying what to do, exit status 2, before any compute where it can be
-known then; ``SEP_HF_TRACEBACK=1`` shows the traceback anyway. A bug keeps its traceback.
+A user error (bad dataset, flag, budget, checkpoints or Hub repo: ``ValueError`` or ``HubError``; the
+Hub unreachable: ``publish.hub.unreachable``; an output folder that cannot be written, or whose disk
+fills: ``utils.io.OutputError``) ends in one line on stderr saying what to do, exit status
+2, before any compute where it can be known then; ``SEP_HF_TRACEBACK=1`` shows the traceback anyway.
+A bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from sep_hf.defenses import defense_arguments
 from sep_hf.protect import protection_arguments
 from sep_hf.protect.job import ProtectArguments, budget_text, check_protect_flags, run_protection
 from sep_hf.publish.cards import defense_label
-from sep_hf.publish.hub import HubError
+from sep_hf.publish.hub import HubError, unreachable
 from sep_hf.source.job import run_source_training
 from sep_hf.source.recipe import SourceTrainingConfig
+from sep_hf.utils.io import reporting_full_disk
 from sep_hf.utils.launch import end_process_group, prepare_launch
 from sep_hf.utils.logging import setup_logging
 from sep_hf.utils.runtime import resolve_mixed_precision
@@ -62,7 +65,8 @@ def train_source(argv: Sequence[str]) -> None:
     config, data_args, run_args, hub_args, *defense_args = parse_args(train_source_parser(), argv)
     run_args.output_dir = run_args.output_dir or "runs/source"
     accelerator = _accelerator(run_args)
-    results = run_source_training(config, data_args, run_args, hub_args, accelerator, defense_args=defense_args)
+    with reporting_full_disk(run_args.output_dir):
+        results = run_source_training(config, data_args, run_args, hub_args, accelerator, defense_args=defense_args)
     accelerator.print(f"clean test accuracy {results['clean_test_accuracy']:.4f} after {results['train_seconds']:.0f}s; "
                       f"checkpoints at epochs {results['checkpoints']} in {run_args.output_dir}")
 
@@ -79,7 +83,9 @@ def protect(argv: Sequence[str]) -> None:
     args, data_args, source_config, run_args, *method_args = parse_args(protect_parser(), argv)
     run_args.output_dir = run_args.output_dir or f"runs/protect-{args.method}"
     check_protect_flags(args, method_args)  # before the Accelerator: its errors are not the user's
-    results = run_protection(args, data_args, source_config, run_args, _accelerator(run_args), method_args)
+    accelerator = _accelerator(run_args)
+    with reporting_full_disk(run_args.output_dir):
+        results = run_protection(args, data_args, source_config, run_args, accelerator, method_args)
     if results is not None:
         where = results["hub_dataset_id"] or f"{run_args.output_dir}/dataset"
         print(f"{args.method} ({budget_text(results['eps'])}): {results['counts']} images, max L-inf "
@@ -98,7 +104,8 @@ def train_victim(argv: Sequence[str]) -> None:
     config, data_args, run_args, hub_args, victim_args, trainer_args, *defense_args = parse_args(
         train_victim_parser(), argv)
     run_args.output_dir = run_args.output_dir or "runs/victim"
-    results = run_victim(config, data_args, run_args, hub_args, victim_args, defense_args, trainer_args)
+    with reporting_full_disk(run_args.output_dir):
+        results = run_victim(config, data_args, run_args, hub_args, victim_args, defense_args, trainer_args)
     if results is not None:
         print(f"{results['model']} trained on {results['dataset']} ({results['num_train']} images, defense "
               f"{defense_label(results['defense'], results['defense_settings'])}): clean test accuracy "
@@ -110,6 +117,15 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 PARSERS = {"protect": protect_parser, "train-source": train_source_parser, "train-victim": train_victim_parser}
 
 
+def _exit_with_one_line(err: Exception) -> None:
+    """Exit with status 2 and ``err`` as one ``error:`` line (a server's message may hold newlines), or raise
+    it with ``SEP_HF_TRACEBACK=1``."""
+    if os.environ.get("SEP_HF_TRACEBACK"):
+        raise err
+    print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    sys.exit(2)
+
+
 def run_main(command: Callable[[Sequence[str]], None], argv: Sequence[str], prog: str | None = None) -> None:
     """Run one command as a process entry point: launcher fixes, logging, one-line user errors (module docstring)."""
     prepare_launch()  # accelerate's --cpu launcher: N processes, cores shared (sep_hf/utils/launch.py)
@@ -119,10 +135,11 @@ def run_main(command: Callable[[Sequence[str]], None], argv: Sequence[str], prog
     try:
         command(argv)
     except (ValueError, HubError) as err:  # DatasetError and CheckpointError are ValueErrors
-        if os.environ.get("SEP_HF_TRACEBACK"):
+        _exit_with_one_line(err)
+    except Exception as err:
+        if unreachable(err) is None:  # a bug: its traceback
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_one_line(unreachable(err))  # the network is the user's to fix, like a flag
     finally:
         end_process_group()
 

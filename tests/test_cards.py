@@ -45,3 +45,16 @@ def test_pretrained_appropriator_is_named_plainly(tmp_path):
     assert "does not hold against a pretrained appropriator" in text
     assert "pretrained appropriator" not in measured_matrix_section(
         "sep-fa-vr", 8, "cpu", _measured(tmp_path, {"none": 0.15, "jpeg": 0.70}, []))
+
+
+def test_card_states_how_class_names_became_a_class_label():
+    from sep_hf.publish.cards import protected_dataset_card
+
+    results = {"eps": 8, "method": "sep", "mean_psnr": 35.0, "dataset": "photos", "config": {},
+               "splits": {"train": {"num_examples": 10, "max_linf": 8, "mean_psnr": 35.0, "mean_l2": 1.2}}}
+    _, body = protected_dataset_card(results, [], "grid.png")
+    assert "Same columns and labels as the source." in body
+    encoded = {"column": "label", "names": [f"class{index:02d}" for index in range(12)]}
+    _, body = protected_dataset_card({**results, "class_encoded": encoded}, [], "grid.png")
+    assert "Same columns and labels" not in body and "class names in `label` are stored as a ClassLabel" in body
+    assert "`class_encode_column`" in body and "0 = class00, 1 = class01" in body and "9 = class09, ...)" in body

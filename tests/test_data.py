@@ -5,6 +5,7 @@ import io
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import CIFAR10_DIR
@@ -41,7 +42,8 @@ def test_alias_loads_through_the_hub_with_revision(loopback_hub):
     assert len(dataset.revision) == 40
     assert dataset.columns.image == "img" and dataset.columns.label == "label"
     assert dataset.columns.class_names[:3] == ("airplane", "automobile", "bird")
-    assert dataset.split("test").num_rows == 10_000
+    served = sum(pq.ParquetFile(path).metadata.num_rows for path in (CIFAR10_DIR / "data").glob("test-*.parquet"))
+    assert dataset.split("test").num_rows == served  # 10,000 from ../shared, the stand-in's without it
 
 
 def test_local_hub_layout_folder_and_decode():
@@ -159,3 +161,70 @@ def test_data_arguments_validate():
     with pytest.raises(DatasetError, match="--max_train_samples must be positive"):
         DataArguments(max_train_samples=0)
     assert DataArguments(resize=[64]).resize == [64, 64]
+
+
+# ----------------------------------------------------------------------------------------------
+# folders a user points --dataset at: empty, unlabelled, labelled by metadata.jsonl (issue 34)
+
+
+def _write_pngs(folder, count, seed=0):
+    """``count`` 8x8 PNGs named 000.png, 001.png, ... in ``folder``; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{index:03d}.png" for index in range(count)]
+    for name, pixels in zip(names, _images(count, seed=seed)):
+        Image.fromarray(pixels).save(folder / name)
+    return names
+
+
+def _write_metadata(folder, rows):
+    import json
+
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_empty_folders_are_one_line_naming_the_layout(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "empty-classes" / "train" / "cat").mkdir(parents=True)  # class folders without images
+    (tmp_path / "card-only").mkdir()
+    (tmp_path / "card-only" / "README.md").write_text("# my photos\n")
+    for folder in ("empty", "empty-classes", "card-only"):
+        with pytest.raises(DatasetError, match=rf"'{tmp_path / folder}' holds no images.*train/<class name>/"):
+            load_image_dataset(str(tmp_path / folder))
+
+
+def test_images_without_class_folders_say_how_to_label_them(tmp_path):
+    split_folders = tmp_path / "split-folders"  # train/*.png and test/*.png: datasets takes train, test as classes
+    _write_pngs(split_folders / "train", 6)
+    _write_pngs(split_folders / "test", 4)
+    flat = tmp_path / "flat"  # images directly in the folder
+    _write_pngs(flat, 6)
+    captions = tmp_path / "captions"  # metadata.jsonl without a label
+    _write_metadata(captions / "train", [{"file_name": name, "caption": "a photo"} for name in _write_pngs(captions / "train", 4)])
+    for folder in (split_folders, flat, captions):
+        with pytest.raises(DatasetError, match=r"no class labels.*train/<class name>/.*metadata.jsonl"):
+            load_image_dataset(str(folder))
+
+
+def test_a_row_without_a_label_is_named(tmp_path):
+    features = _features(img=datasets.Image(), label=datasets.ClassLabel(names=["a", "b"]))
+    rows = {"img": [Image.fromarray(p) for p in _images(4)], "label": [0, 1, None, 1]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(DatasetError, match=r"1 row.* no label \(row 2"):
+        load_image_dataset(str(tmp_path / "train.parquet"))
+
+
+def test_class_names_in_metadata_are_class_encoded_as_datasets_does(tmp_path):
+    names = {"train": ["dog", "cat", "bird", "cat"], "test": ["cat", "zebra"]}  # zebra: a class only the test split has
+    for split, labels in names.items():
+        files = _write_pngs(tmp_path / split, len(labels))
+        _write_metadata(tmp_path / split, [{"file_name": f, "label": label} for f, label in zip(files, labels)])
+    dataset = load_image_dataset(str(tmp_path))
+    assert dataset.columns.label == "label" and dataset.class_encoded == "label"
+    assert dataset.columns.class_names == ("bird", "cat", "dog", "zebra")  # sorted over every split, one ClassLabel
+    for split, labels in names.items():
+        encoded = dataset.split(split)["label"]
+        assert [dataset.columns.class_names[index] for index in encoded] == labels
+    _write_pngs(tmp_path / "tree" / "train" / "cat", 2)
+    _write_pngs(tmp_path / "tree" / "train" / "dog", 2)
+    assert load_image_dataset(str(tmp_path / "tree")).class_encoded is None  # class folders: a ClassLabel as it is

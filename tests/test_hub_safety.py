@@ -1,11 +1,13 @@
 """Hub safety checks of sep_hf.publish.hub, against the loopback Hub: private source checkpoints, enforced
-dataset visibility, and write access checked before any compute without creating anything."""
+dataset visibility, write access checked before any compute without creating anything, publishing that
+changes visibility only as asked and leaves nothing public on failure, history, and an unreachable Hub."""
 from __future__ import annotations
 
 import huggingface_hub.constants
 import pytest
 from conftest import HUB_READ_TOKEN
 from huggingface_hub import HfApi
+from huggingface_hub.errors import RevisionNotFoundError
 
 from sep_hf.publish import hub
 from sep_hf.publish.hub import (
@@ -14,7 +16,11 @@ from sep_hf.publish.hub import (
     ensure_private_repo,
     ensure_repo,
     ensure_repo_visibility,
+    publish_folder,
+    repo_history,
     repo_visibility,
+    squash_history,
+    unreachable,
 )
 
 
@@ -180,3 +186,78 @@ def test_write_access_rules():
     orgs = [{"name": "lab", "roleInOrg": "read"}, {"name": "team", "roleInOrg": "contributor"}]
     assert "'lab' is not your user" in problem(_fine_grained(("org", "lab", write), orgs=orgs), "lab/x")
     assert problem(_fine_grained(("org", "team", write), orgs=orgs), "team/x") is None
+
+
+# -- publishing: visibility only as asked, nothing public on failure ---------------------------
+
+def _folder_with_a_card(tmp_path):
+    (tmp_path / "README.md").write_text("# a card\n")
+    return tmp_path
+
+
+def test_publish_keeps_an_existing_repos_visibility_unless_asked(loopback_hub, unique_repo_id, tmp_path):
+    private, public = unique_repo_id("pub-keep-private"), unique_repo_id("pub-keep-public")
+    HfApi().create_repo(private, repo_type="dataset", private=True)
+    HfApi().create_repo(public, repo_type="dataset", private=False)
+    folder = _folder_with_a_card(tmp_path)
+    for repo_id in (private, public):  # a default for new repos is no request to change an existing one
+        publish_folder(repo_id, folder, "dataset", "Publish", new_repo_private=not _private(repo_id, "dataset"))
+    assert _private(private, "dataset") is True and _private(public, "dataset") is False
+    publish_folder(private, folder, "dataset", "Publish", private=False)  # asked explicitly
+    assert _private(private, "dataset") is False
+
+
+@pytest.mark.parametrize("new_repo_private", [False, True], ids=["public", "private"])
+def test_publish_keeps_a_new_repo_private_until_its_upload_landed(loopback_hub, unique_repo_id, tmp_path, monkeypatch,
+                                                                  new_repo_private):
+    repo_id, seen = unique_repo_id("pub-new"), []
+    upload = hub.upload_folder
+    monkeypatch.setattr(hub, "upload_folder", lambda *args, **kwargs: seen.append(_private(repo_id, "dataset"))
+                        or upload(*args, **kwargs))
+    publish_folder(repo_id, _folder_with_a_card(tmp_path), "dataset", "Publish", new_repo_private=new_repo_private)
+    assert seen == [True] and _private(repo_id, "dataset") is new_repo_private
+    assert "README.md" in HfApi().list_repo_files(repo_id, repo_type="dataset")
+
+
+def test_publish_removes_the_repo_it_created_when_the_upload_fails(loopback_hub, unique_repo_id, tmp_path,
+                                                                   monkeypatch):
+    repo_id = unique_repo_id("pub-failed")
+
+    def failing_upload(*args, **kwargs):
+        raise HubError("Upload failed")
+    monkeypatch.setattr(hub, "upload_folder", failing_upload)
+    with pytest.raises(HubError, match="Upload failed"):
+        publish_folder(repo_id, _folder_with_a_card(tmp_path), "dataset", "Publish", new_repo_private=False)
+    assert repo_visibility(repo_id, "dataset") is None
+
+
+def test_repo_history_counts_what_an_upload_leaves_readable(loopback_hub, unique_repo_id):
+    repo_id, api = unique_repo_id("pub-history"), HfApi()
+    assert repo_history(repo_id) == (0, [])
+    api.create_repo(repo_id, repo_type="dataset")
+    assert repo_history(repo_id) == (0, [])  # the Hub's initial commit holds nothing of the owner's
+    api.upload_file(path_or_fileobj=b"originals", path_in_repo="data.bin", repo_id=repo_id, repo_type="dataset")
+    api.create_tag(repo_id, tag="v1", repo_type="dataset")
+    assert repo_history(repo_id) == (1, ["refs/tags/v1"])
+
+
+def test_squash_history_leaves_one_loadable_revision(loopback_hub, unique_repo_id):
+    repo_id, api = unique_repo_id("pub-squash"), HfApi()
+    api.create_repo(repo_id, repo_type="dataset")
+    first = api.upload_file(path_or_fileobj=b"originals", path_in_repo="data.bin", repo_id=repo_id,
+                            repo_type="dataset").oid
+    api.upload_file(path_or_fileobj=b"protected", path_in_repo="data.bin", repo_id=repo_id, repo_type="dataset")
+    sha = squash_history(repo_id, "dataset", "Squash")
+    assert [commit.commit_id for commit in api.list_repo_commits(repo_id, repo_type="dataset")] == [sha]
+    with pytest.raises(RevisionNotFoundError):
+        api.repo_info(repo_id, repo_type="dataset", revision=first)
+    assert api.hf_hub_download(repo_id, "data.bin", repo_type="dataset") and repo_history(repo_id) == (0, [])
+
+
+# -- the Hub unreachable -----------------------------------------------------------------------
+
+def test_network_failures_are_hub_errors_and_nothing_else_is():
+    for err in (hub.TransportError("[Errno 111] Connection refused"), ConnectionError("Couldn't reach 'a/b' on the Hub")):
+        assert "cannot be reached" in str(unreachable(err)) and "HF_ENDPOINT" in str(unreachable(err))
+    for err in (BrokenPipeError(), ValueError("bad flag"), RuntimeError("a bug")):
+        assert unreachable(err) is None

@@ -1,6 +1,7 @@
 """recipes/protect.py: 1 vs 2 processes byte-identical, kill-and-resume, bad input, nothing half-published."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, launch_command, run_recipe
+from conftest import REPO_ROOT, launch_command, load_folder, run_recipe
 from huggingface_hub import HfApi
 from PIL import Image
 from transformers import HfArgumentParser
@@ -233,3 +234,159 @@ def test_flags_of_another_method_are_refused_before_compute():
     check_method_flags("cuda+sep", flags("--cuda_key", "7", "--steps", "3"))  # a composition reads its parts'
     with pytest.raises(ValueError, match="--steps only applies to --method sep"):
         check_method_flags("cuda", flags("--steps", "3"))
+
+
+# ----------------------------------------------------------------------------------------------
+# refused before compute, and nothing half-written (issue 34); tiny folders drawn here, no shared data
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def _photo_folder(folder, per_class=4, size=16, metadata=False):
+    """train/ and test/ of ``per_class`` random ``size`` px PNGs per class: class folders, or (``metadata``) the
+    images side by side with a metadata.jsonl naming each one's class, the layout the datasets docs recommend."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        rows = []
+        for name in CLASSES:
+            for index in range(per_class):
+                file = f"{name}-{index}.png" if metadata else f"{name}/{index}.png"
+                (folder / split / file).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / split / file)
+                rows.append({"file_name": file, "label": name})
+        if metadata:
+            (folder / split / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def _cuda_protect(dataset, output_dir, accelerator, **overrides):
+    """A model-free protection (CUDA) of a tiny folder: the whole job in a second or two."""
+    from sep_hf.protect.methods.cuda import CUDAArguments
+
+    args = ProtectArguments(**{"method": "cuda", **overrides})
+    run = RunArguments(output_dir=str(output_dir), preset="cpu")
+    return run_protection(args, DataArguments(dataset=str(dataset)), SourceTrainingConfig(), run, accelerator,
+                          method_args=[CUDAArguments(cuda_key=str(CUDA_KEY))])
+
+
+@pytest.mark.parametrize("flag", ["shard_size", "craft_batch_size"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_shard_and_batch_sizes_must_be_positive_whole_numbers(flag, value):
+    with pytest.raises(ValueError, match=rf"--{flag} must be a positive whole number, got {value!r}"):
+        ProtectArguments(**{flag: value})
+
+
+def test_zero_shard_size_is_one_line_before_compute(tmp_path, capsys):
+    from sep_hf import cli
+
+    folder, output_dir = _photo_folder(tmp_path / "photos"), tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["protect", "--dataset", str(folder), "--shard_size", "0", "--output_dir", str(output_dir)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "--shard_size" in lines[0], lines
+    assert not output_dir.exists()
+
+
+def test_more_models_than_the_source_keeps_is_refused_before_training(tmp_path, accelerator):
+    folder = _photo_folder(tmp_path / "photos")
+
+    def protect(output_dir, method, preset, sep, **source):
+        run = RunArguments(output_dir=str(output_dir), preset=preset)
+        source = SourceTrainingConfig(**{"model": "smallnet_cifar", "epochs": 10, **source})
+        run_protection(ProtectArguments(method=method), DataArguments(dataset=str(folder)), source, run, accelerator,
+                       method_args=[sep])
+
+    cases = [  # (method, preset, SEP's flags, the source's flags, the refusal)
+        ("sep", "cpu", SEPArguments(num_models=7), {}, r"--num_models 7\) .* the 6 checkpoints .*--num_checkpoints 6"),
+        ("sep-fa-vr", "paper", SEPArguments(), {"num_checkpoints": 10},
+         r"15 checkpoints \(--preset paper's --num_models for sep-fa-vr\) .* the 10 checkpoints"),
+        ("sep", "cpu", SEPArguments(num_models=4), {"epochs": 3}, r"--num_models 4\) .* the 3 checkpoints .*--epochs 3"),
+        ("sep", "cpu", SEPArguments(num_models=0), {}, r"--num_models must be a positive whole number, got 0"),
+    ]
+    for index, (method, preset, sep, source, refusal) in enumerate(cases):
+        output_dir = tmp_path / f"run{index}"
+        with pytest.raises(ValueError, match=refusal):
+            protect(output_dir, method, preset, sep, **source)
+        assert not (output_dir / "source").exists(), f"case {index}: the source was trained before the refusal"
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_compute(tmp_path, accelerator):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    # the dataset does not exist: any work before the check would fail on it instead
+    targets = [blocker / "out"] + ([read_only / "out"] if os.geteuid() != 0 else [])  # root writes anywhere
+    for output_dir in targets:
+        with pytest.raises(ValueError, match=rf"Output folder {output_dir} cannot be written.*--output_dir"):
+            _cuda_protect(tmp_path / "no-such-dataset", output_dir, accelerator)
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_while_publishing_keeps_the_previous_dataset_whole(tmp_path, accelerator, monkeypatch):
+    folder, output_dir = _photo_folder(tmp_path / "photos"), tmp_path / "out"
+    _cuda_protect(folder, output_dir, accelerator)
+    published = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (output_dir / "dataset").rglob("*")
+                 if path.is_file()}
+
+    def half_written_parquet(self, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PAR1 truncated")
+        _full_disk()
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", half_written_parquet)
+    with pytest.raises(OSError, match="No space left"):
+        _cuda_protect(folder, output_dir, accelerator, protection_seed=1)
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (output_dir / "dataset").rglob("*")
+            if path.is_file()} == published, "the published folder was changed in place"
+    assert sorted(path.name for path in output_dir.iterdir() if path.name.startswith(".")) == []
+
+
+def test_full_disk_while_crafting_leaves_no_temporary_shard(tmp_path, accelerator, monkeypatch):
+    from datasets.arrow_writer import ArrowWriter
+
+    folder, output_dir = _photo_folder(tmp_path / "photos"), tmp_path / "out"
+    stale = output_dir / "shards" / "train" / ".partial-0" / "tmp-of-a-killed-run"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a shard")
+    finalize = ArrowWriter.finalize
+
+    def full_disk_in_shards(writer, *args, **kwargs):  # datasets' own clean-up finalizes too: it fails again
+        if "shards" in str(writer._path):
+            _full_disk()
+        return finalize(writer, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "finalize", full_disk_in_shards)
+    with pytest.raises(OSError, match="No space left"):
+        _cuda_protect(folder, output_dir, accelerator)
+    assert [path.name for path in (output_dir / "shards" / "train").rglob("*")] == []
+    monkeypatch.setattr(ArrowWriter, "finalize", finalize)
+    _cuda_protect(folder, output_dir, accelerator)
+    assert [path.name for path in (output_dir / "shards" / "train").iterdir()][0].startswith("shard-00000-of-00001")
+
+
+def test_full_disk_is_one_line_naming_the_output_folder(tmp_path, capsys, monkeypatch):
+    from sep_hf import cli
+
+    monkeypatch.setattr(cli, "_accelerator", lambda run_args: None)
+    monkeypatch.setattr(cli, "run_protection", _full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["protect", "--dataset", "cifar10", "--output_dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"No space left on the device of {tmp_path / 'out'}" in lines[0] and "--output_dir" in lines[0]
+
+
+def test_class_names_in_metadata_are_published_as_a_class_label_the_card_states(tmp_path, accelerator):
+    folder = _photo_folder(tmp_path / "photos", metadata=True)
+    results = _cuda_protect(folder, tmp_path / "out", accelerator)
+    assert results["class_encoded"] == {"column": "label", "names": list(CLASSES)}
+    published = load_folder(tmp_path / "out" / "dataset")
+    assert published["train"].features["label"].names == list(CLASSES)  # sorted, as class_encode_column orders them
+    assert published["train"]["label"] == [0] * 4 + [1] * 4 + [2] * 4
+    card = (tmp_path / "out" / "dataset" / "README.md").read_text()
+    assert "class names in `label`" in card and "`class_encode_column`" in card and "0 = cat, 1 = dog, 2 = fox" in card

@@ -253,3 +253,80 @@ def test_hub_checkpoints_are_ordered_by_epoch_number(loopback_hub, unique_repo_i
 def test_mistyped_local_checkpoints_path_says_it_does_not_exist(path):
     with pytest.raises(CheckpointError, match=f"Checkpoint folder '{path}' does not exist"):
         CheckpointEnsemble.from_pretrained(path)
+
+
+def _random_data(num_train, num_eval=6, size=16, classes=3, seed=0):
+    """Random uint8 images of ``classes`` classes in the models' view: a tiny dataset, no files."""
+    from sep_hf.data.view import TrainingData
+
+    images = torch.randint(0, 256, (num_train + num_eval, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(num_train + num_eval) % classes
+    return TrainingData(images[:num_train], labels[:num_train], images[num_train:], labels[num_train:],
+                        tuple(f"class{index}" for index in range(classes)), "random", None)
+
+
+def test_dataset_smaller_than_the_batch_trains_one_smaller_batch_per_epoch(tmp_path, accelerator, caplog):
+    """108 photos with the preset's --batch_size 128: one batch of 108 per epoch, as a DataLoader gives a short
+    dataset, with a warning; the resume stays bit-identical."""
+    from sep_hf.source.train import train_source
+    from sep_hf.utils.presets import apply_preset
+
+    config = SourceTrainingConfig(model="smallnet_cifar", epochs=2, batch_size=16, num_checkpoints=0)
+    apply_preset("cpu", config)
+    data = _random_data(12)
+    with caplog.at_level("WARNING", logger="sep_hf"):
+        results = train_source(config, data, tmp_path / "full", accelerator)
+    assert "--batch_size 16 is larger than the 12 training images: each epoch is one batch of 12" in caplog.text
+    assert [row["step"] for row in results["history"]] == [1, 2] and results["checkpoints"] == [1, 2]
+    first, last = (checkpoint.load_state_dict() for checkpoint in list_checkpoints(tmp_path / "full"))
+    assert not all(torch.equal(first[name], last[name]) for name in first), "the second epoch trained nothing"
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints",
+                    ignore=shutil.ignore_patterns("epoch-002"))
+    train_source(config, data, tmp_path / "resumed", accelerator, resume_from=list_checkpoints(tmp_path / "resumed")[0])
+    expected, actual = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "resumed")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected), "the resume is not bit-identical"
+
+
+def test_short_batch_is_weighted_as_one_batch_across_processes_and_micro_batches():
+    """The loss weight of each micro-batch of a short batch: a mean over the whole global batch once
+    accelerate averages over accumulation steps and DDP over processes (full batches: exactly 1)."""
+    from sep_hf.source.train import micro_batch_weight
+
+    assert micro_batch_weight(micro=25, batch=100, world=2, accumulation=2) == 1  # a full batch is left as is
+    # 107 images on 2 processes with 2 micro-batches each: 27 + 27 and 27 + 26 rows
+    weights = [micro_batch_weight(rows, 107, 2, 2) for rows in (27, 27, 27, 26)]
+    assert sum(weight / (2 * 2) for weight in weights) == pytest.approx(1)
+    assert [weight * 107 / (2 * 2) for weight in weights] == pytest.approx([27, 27, 27, 26])
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, accelerator):
+    from sep_hf.arguments import HubArguments, RunArguments
+    from sep_hf.data.view import DataArguments
+    from sep_hf.source.job import run_source_training
+
+    (tmp_path / "a-file").write_text("not a folder")
+    run = RunArguments(output_dir=str(tmp_path / "a-file" / "source"), preset="cpu")
+    with pytest.raises(ValueError, match="Output folder .*a-file/source cannot be written"):  # not the missing dataset
+        run_source_training(SourceTrainingConfig(), DataArguments(dataset=str(tmp_path / "none")), run, HubArguments(),
+                            accelerator)
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from sep_hf.source.checkpoints import save_checkpoint
+    from sep_hf.utils.io import OutputError, reporting_full_disk
+
+    write_bytes = Path.write_bytes
+
+    def full_disk_at_the_training_state(path, data):
+        if path.name == "training_state.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk_at_the_training_state)
+    with pytest.raises(OutputError, match=f"No space left on the device of {tmp_path}"), reporting_full_disk(tmp_path):
+        save_checkpoint(tmp_path, 1, {"weight": torch.zeros(3)}, {}, {"optimizer": {}})
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -124,3 +124,31 @@ def test_victim_batch_is_global_across_processes_and_accumulation(tmp_path, proc
     results = json.loads((out / "results.json").read_text())
     assert results["optimizer_steps"] == results["planned_optimizer_steps"] == 4
     assert results["micro_batch_size"] == 25 and results["num_processes"] == processes
+
+
+def test_victim_on_a_dataset_smaller_than_the_batch_trains_one_smaller_batch_per_epoch(tmp_path, caplog):
+    from sep_hf.data.view import TrainingData
+    from sep_hf.utils.presets import apply_preset
+    from sep_hf.victim.trainer import train_victim
+
+    images = torch.randint(0, 256, (18, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(18) % 3
+    data = TrainingData(images[:12], labels[:12], images[12:], labels[12:], ("a", "b", "c"), "random", None)
+    config = VictimTrainingConfig(model="smallnet_cifar", epochs=2, batch_size=16)
+    apply_preset("cpu", config)
+    with caplog.at_level("WARNING", logger="sep_hf"):
+        results = train_victim(config, data, tmp_path)
+    assert "--batch_size 16 is larger than the 12 training images: each epoch is one batch of 12" in caplog.text
+    assert results["optimizer_steps"] == results["planned_optimizer_steps"] == 2 and results["micro_batch_size"] == 12
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
+    from sep_hf.arguments import HubArguments, RunArguments
+    from sep_hf.data.view import DataArguments
+    from sep_hf.victim.job import VictimArguments, run_victim
+
+    (tmp_path / "a-file").write_text("not a folder")
+    run = RunArguments(output_dir=str(tmp_path / "a-file" / "victim"), preset="cpu")
+    with pytest.raises(ValueError, match="Output folder .*a-file/victim cannot be written"):  # not the missing dataset
+        run_victim(VictimTrainingConfig(), DataArguments(dataset=str(tmp_path / "none")), run, HubArguments(),
+                   VictimArguments())

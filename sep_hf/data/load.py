@@ -2,8 +2,9 @@
 
 ``load_image_dataset`` accepts a Hub repo id (or an alias: ``cifar10``), a local folder in Hub
 layout, an ImageFolder tree of photos, or parquet files; it finds the ``Image`` and ``ClassLabel``
-columns (``find_image_columns``) and raises ``DatasetError`` (one line naming dataset and column)
-for anything a classifier cannot be trained on. Local paths never leave this module: ``public_name``
+columns (``find_image_columns``), class-encodes a ``label`` column of class names (an ImageFolder's
+``metadata.jsonl``) as ``datasets`` does, and raises ``DatasetError`` (one line naming dataset and
+column) for anything a classifier cannot be trained on: no images, no labels, a row without one. Local paths never leave this module: ``public_name``
 is what cards and results show.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from huggingface_hub import constants
 
 from sep_hf.publish.hub import dataset_commit_sha
@@ -26,6 +28,12 @@ DATASET_ALIASES = {
 
 class DatasetError(ValueError):
     """A dataset cannot be used for image classification; the message names dataset and column."""
+
+
+# What a user with a folder of photos needs to know to label it (datasets' ImageFolder conventions).
+IMAGEFOLDER_LAYOUT = ("datasets reads the labels of an image folder from class folders (train/<class name>/<image>, "
+                      "test/<class name>/<image>) or from the class names in the 'label' field of a metadata.jsonl "
+                      "beside the images (one JSON line per image: file_name, label)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class ImageDataset:
     revision: str | None  # Hub commit sha the data was read at (None for local paths)
     splits: datasets.DatasetDict  # noqa: F821
     columns: ImageColumns
+    class_encoded: str | None = None  # the column of class names (strings) read as a ClassLabel here, if any
 
     @property
     def is_local(self) -> bool:
@@ -99,6 +108,8 @@ def _load_raw(dataset_id: str, revision: str | None):
         if "corresponds to no data" in str(err):  # datasets' wording for an empty split
             raise DatasetError(f"Dataset '{dataset_id}' has a split with zero rows ({err}).") from err
         raise
+    except datasets.data_files.EmptyDatasetError as err:  # an empty folder, or one with no image or data files
+        raise DatasetError(f"Dataset '{dataset_id}' holds no images: {IMAGEFOLDER_LAYOUT}.") from err
     except datasets.exceptions.DatasetNotFoundError as err:
         raise DatasetError(
             f"Dataset '{dataset_id}' was not found on the Hub at {constants.ENDPOINT} "
@@ -114,9 +125,13 @@ def _as_dataset_dict(raw):
 
 
 def find_image_columns(
-    features, dataset_name: str = "dataset", image_column: str | None = None, label_column: str | None = None
+    features, dataset_name: str = "dataset", image_column: str | None = None, label_column: str | None = None,
+    no_label_help: str = "Cast integer labels with dataset.class_encode_column(...) first.",
 ) -> ImageColumns:
-    """Find the ``Image`` and ``ClassLabel`` columns from the features (or check the overrides)."""
+    """Find the ``Image`` and ``ClassLabel`` columns from the features (or check the overrides).
+
+    ``no_label_help``: what the error for a dataset without a ClassLabel column tells the user to do.
+    """
 
     def check(column: str, kind, what: str, flag: str) -> str:
         if column not in features:
@@ -138,7 +153,7 @@ def find_image_columns(
                 f"Dataset '{dataset_name}' has no {what} column (columns: "
                 f"{', '.join(f'{n}: {type(f).__name__}' for n, f in features.items())}). "
                 + (
-                    "Cast integer labels with dataset.class_encode_column(...) first."
+                    no_label_help
                     if kind is datasets.ClassLabel
                     else f"Pass {flag} if the images are stored in another column."
                 )
@@ -163,6 +178,42 @@ def find_image_columns(
     return ImageColumns(image=image, label=label, class_names=tuple(features[label].names))
 
 
+def class_encode_names(splits, label_column: str | None = None):
+    """(splits, the encoded column or None): a column of class names (strings: the ``label`` of an
+    ImageFolder's metadata.jsonl, or ``--label_column``) as one ClassLabel of every split.
+
+    The names are sorted, as ``datasets``' ``class_encode_column`` orders them, but over every split
+    together (``DatasetDict.class_encode_column`` encodes each split alone: a class missing from one
+    split would shift the others' indices). A dataset that has a ClassLabel column keeps it.
+    """
+    features = next(iter(splits.values())).features
+    column = label_column or "label"
+    feature = features.get(column)
+    has_class_label = any(isinstance(other, datasets.ClassLabel) for other in features.values())
+    is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if not is_text or (has_class_label and label_column is None):
+        return splits, None
+    names = sorted({value for split in splits.values() for value in split.unique(column) if value is not None})
+    class_label = datasets.ClassLabel(names=names)
+    return datasets.DatasetDict({name: split.cast_column(column, class_label) for name, split in splits.items()}), column
+
+
+def check_every_row_labelled(split, split_name: str, dataset_name: str, label_column: str) -> None:
+    """Raise ``DatasetError`` for rows whose label is missing (None), before anything decodes them.
+
+    Every row unlabelled is a layout datasets could not read labels from (train/*.png, test/*.png: the
+    split folders taken for classes); some rows unlabelled are named by their first row.
+    """
+    missing = split.data.column(label_column).is_null().to_numpy(zero_copy_only=False)
+    if missing.all():
+        raise DatasetError(f"Split '{split_name}' of dataset '{dataset_name}' has no class labels (column "
+                           f"'{label_column}' is empty): {IMAGEFOLDER_LAYOUT}.")
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise DatasetError(f"{len(rows)} row(s) of split '{split_name}' of dataset '{dataset_name}' have no label (row "
+                           f"{int(rows[0])} first) in column '{label_column}': label them or drop them.")
+
+
 def load_image_dataset(
     name: str,
     revision: str | None = None,
@@ -178,15 +229,20 @@ def load_image_dataset(
     splits = _as_dataset_dict(_load_raw(dataset_id, revision))
     if not splits:
         raise DatasetError(f"Dataset '{name}' has no splits.")
+    splits, class_encoded = class_encode_names(splits, label_column)
     features = next(iter(splits.values())).features
-    columns = find_image_columns(features, name, image_column, label_column)
+    no_label_help = (f"Its images have no class labels: {IMAGEFOLDER_LAYOUT}." if Path(dataset_id).is_dir()
+                     else "Cast integer labels with dataset.class_encode_column(...) first.")
+    columns = find_image_columns(features, name, image_column, label_column, no_label_help)
     for split_name, split in splits.items():
         if split.num_rows == 0:
             raise DatasetError(
                 f"Split '{split_name}' of dataset '{name}' has zero rows in column '{columns.image}'."
             )
+        check_every_row_labelled(split, split_name, name, columns.label)
     sha = None
     if not os.path.isabs(dataset_id):
 
         sha = dataset_commit_sha(dataset_id, revision)
-    return ImageDataset(name=name, dataset_id=dataset_id, revision=sha, splits=splits, columns=columns)
+    return ImageDataset(name=name, dataset_id=dataset_id, revision=sha, splits=splits, columns=columns,
+                        class_encoded=class_encoded)

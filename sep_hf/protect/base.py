@@ -4,7 +4,8 @@ A protection is a ``ProtectionTransform`` subclass registered under one or more 
 
 * ``from_arguments(context)`` builds it for a ``protect.py`` run (``context.arguments(cls.arguments)``
   is its parsed flag dataclass with the preset applied; ``context.train_tensors``, ``context.ensemble``
-  and friends are shared, decoded-once resources);
+  and friends are shared, decoded-once resources); ``check_arguments(context)``, called before any
+  image is decoded, refuses flags that would only fail later (optional);
 * ``protect(images, labels, indices) -> images`` on float pixels in [0, 1] (N, C, H, W): the colour
   channels of the source, C = 1 for a grayscale (L) dataset and 3 for RGB; an alpha channel never
   reaches a protection, it is copied unchanged into the published image;
@@ -13,8 +14,10 @@ A protection is a ``ProtectionTransform`` subclass registered under one or more 
 
 ``protect_split`` runs a transform over a split in fixed shards, each cached to disk by ``map``
 under a fingerprint of (method, config, weights or key, source data, shard), so a killed run
-resumes where it stopped and N processes produce the same bytes as one. Images reach ``protect``
-at their own resolution, one size per call (a model resizes them itself: ``models.resize_to_model``).
+resumes where it stopped and N processes produce the same bytes as one; a shard is written in its
+process's scratch folder and renamed into place, so a kill or a full disk leaves no part of one.
+Images reach ``protect`` at their own resolution, one size per call (a model resizes them itself:
+``models.resize_to_model``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +42,7 @@ from sep_hf.data.images import (
     uint8_to_float,
     union_mode,
 )
+from sep_hf.utils.io import scratch_folder
 from sep_hf.utils.logging import get_logger
 
 __all__ = ["ProtectionTransform", "perturbation_stats", "protect_split", "load_shards", "split_summary",
@@ -94,6 +99,11 @@ class ProtectionTransform:
     def from_arguments(cls, context) -> ProtectionTransform:
         """Build the transform for a protect.py run from a ``sep_hf.protect.job.ProtectionContext``."""
         raise NotImplementedError
+
+    @classmethod
+    def check_arguments(cls, context, name: str) -> None:
+        """Refuse, before any image is decoded, flags that would only fail once work has started (ValueError);
+        e.g. SEP's ensemble larger than the source run will keep. Default: nothing to check."""
 
     def protect(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The protected images: float pixels (N, C, H, W) in [0, 1], one size per call (a ``ragged`` method
@@ -239,12 +249,12 @@ def protect_split(
     ``mode`` (the published one; an alpha channel is split off and copied unchanged) at each image's
     own size (or at ``resize``) and protected by ``bucketed_outputs`` (by size, or in zero-padded
     canvases for ``ragged`` methods), with no per-pixel loop. Memory: one batch, whatever the split's size.
-    Process ``i`` of ``n`` crafts shards ``i, i+n, ...``; each finished shard is an Arrow file that
-    ``map`` wrote atomically. Returns the shard paths in order (call ``load_shards`` once all are done).
+    Process ``i`` of ``n`` crafts shards ``i, i+n, ...``; each finished shard is an Arrow file written in
+    the process's scratch folder and renamed into place. Returns the shard paths in order (call
+    ``load_shards`` once all are done).
     """
 
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
     num_shards = math.ceil(split.num_rows / shard_size)
     where = f" of split '{split.split}'" if split.split is not None else ""
     # The output mode keys the cache too (RGB keeps its historical key, so existing RGB shards still resume).
@@ -253,23 +263,27 @@ def protect_split(
     features = transform.output_features(split.features)
     encoded = split.cast_column(transform.image_column, datasets.Image(decode=False))  # decoded here, row named
     paths = []
-    for shard_index in range(num_shards):
-        start, stop = shard_index * shard_size, min((shard_index + 1) * shard_size, split.num_rows)
-        path = work_dir / f"shard-{shard_index:05d}-of-{num_shards:05d}-{base[:16]}.arrow"
-        paths.append(path)
-        if shard_index % num_processes != process_index or _finished(path):
-            continue
+    # Not atomic_write: datasets writes a temporary file of its own beside cache_file_name and leaves it
+    # behind when the disk fills (its clean-up fails too); in this process's scratch folder it is removed.
+    with scratch_folder(work_dir / f".partial-{process_index}") as staging:
+        for shard_index in range(num_shards):
+            start, stop = shard_index * shard_size, min((shard_index + 1) * shard_size, split.num_rows)
+            path = work_dir / f"shard-{shard_index:05d}-of-{num_shards:05d}-{base[:16]}.arrow"
+            paths.append(path)
+            if shard_index % num_processes != process_index or _finished(path):
+                continue
 
-        def protect_rows(values, batch_labels, local_indices, offset=start):
-            index = torch.as_tensor(local_indices, dtype=torch.long) + offset
-            images = decode_batch(values, mode, None, resize, transform.image_column, where, int(index[0]))
-            return transform.bucketed_outputs(images, torch.as_tensor(batch_labels, dtype=torch.long), index)
+            def protect_rows(values, batch_labels, local_indices, offset=start):
+                index = torch.as_tensor(local_indices, dtype=torch.long) + offset
+                images = decode_batch(values, mode, None, resize, transform.image_column, where, int(index[0]))
+                return transform.bucketed_outputs(images, torch.as_tensor(batch_labels, dtype=torch.long), index)
 
-        encoded.select(range(start, stop)).map(
-            protect_rows, input_columns=[transform.image_column, transform.label_column], batched=True,
-            batch_size=batch_size, with_indices=True, features=features, cache_file_name=str(path),
-            new_fingerprint=config_hash(base, shard_index)[:32], desc=f"{desc} [shard {shard_index + 1}/{num_shards}]",
-        )
+            encoded.select(range(start, stop)).map(
+                protect_rows, input_columns=[transform.image_column, transform.label_column], batched=True,
+                batch_size=batch_size, with_indices=True, features=features, cache_file_name=str(staging / path.name),
+                new_fingerprint=config_hash(base, shard_index)[:32], desc=f"{desc} [shard {shard_index + 1}/{num_shards}]",
+            )
+            os.replace(staging / path.name, path)
     return paths
 
 

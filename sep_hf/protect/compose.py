@@ -45,6 +45,11 @@ class ComposedProtection(ProtectionTransform):
         parts = [part.from_arguments(context, name) for part, name in zip(cls.part_classes, cls.part_names)]
         return cls(parts, context.columns.image, context.columns.label, return_stats=True)
 
+    @classmethod
+    def check_arguments(cls, context, name: str) -> None:
+        for part, part_name in zip(cls.part_classes, cls.part_names):
+            part.check_arguments(context, part_name)
+
     def protect(self, images, labels, indices):
         for part in self.parts:
             protected = part.protect(images, labels, indices).to(images.device)

@@ -1,9 +1,10 @@
 """The protection job: method -> crafted splits -> a Hub-layout dataset folder -> one Hub commit.
 
 Everything that can fail on bad input (unknown dataset or method, no labels, a budget below one
-level, undecodable images, no write access) is checked before any crafting or upload; the dataset
-(parquet shards, card, sample grid) reaches the Hub in a single commit, so nothing is ever
-half-published. Every published image is decoded once before any compute (``ProtectionContext.scan``:
+level, undecodable images, an ensemble larger than the source keeps, an output folder or a Hub repo
+that cannot be written) is checked before any crafting or upload; the dataset (parquet shards, card,
+sample grid) is written to a staging folder renamed into ``dataset/`` whole and reaches the Hub in a
+single commit, so nothing is ever half-written or half-published. Every published image is decoded once before any compute (``ProtectionContext.scan``:
 sizes, mode, labels); source training and class means read the models' view (every image at the
 models' input size, in memory or batch by batch, ``ProtectionContext.tensors``), and crafting reads
 each shard's images from the Arrow table at their own resolution (``protect_split``), so memory
@@ -53,9 +54,11 @@ from sep_hf.publish import hub
 from sep_hf.publish.cards import keep_owner_card, protected_dataset_card, sample_grid_png
 from sep_hf.publish.folder import embed_image_bytes, write_hub_layout
 from sep_hf.publish.hub import HubError
+from sep_hf.source.checkpoints import evenly_spaced, list_checkpoints
 from sep_hf.source.job import run_source_training
 from sep_hf.source.recipe import SourceTrainingConfig
-from sep_hf.utils.io import write_json
+from sep_hf.utils.flags import whole_number
+from sep_hf.utils.io import atomic_folder, check_writable, write_json
 from sep_hf.utils.logging import get_logger
 from sep_hf.utils.presets import apply_preset
 from sep_hf.utils.runtime import resolve_mixed_precision
@@ -88,17 +91,23 @@ class ProtectArguments:
     protection_seed: int = field(default=0, metadata={"help": "Seed of per-example random choices (VR picks)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Publish to --hub_dataset_id (else only --output_dir)."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Dataset repo to publish, e.g. my-org/cifar10-sep."})
-    hub_private_dataset: bool = field(default=False, metadata={"help": "Publish the dataset repo private (an existing repo is switched to match)."})
+    # None: not given, so an existing repo's visibility is left alone; "nargs"/"const" keep a bare flag meaning true
+    hub_private_dataset: bool | None = field(default=None, metadata={"nargs": "?", "const": True, "help": "Make the dataset repo private (true) or public (false). Not given: an existing repo keeps its visibility, a new one is public."})
+    hub_squash_history: bool = field(default=False, metadata={"help": "After the upload, squash the dataset repo's history into one commit (HfApi.super_squash_history; cannot be undone), so its earlier revisions (e.g. the unprotected originals) no longer load."})
     hub_source_model_id: str | None = field(default=None, metadata={"help": "Repo for newly trained checkpoints (default: <hub_dataset_id>-source, private)."})
     hub_allow_public_source: bool = field(default=False, metadata={"help": "Allow pushing the source checkpoints to an existing PUBLIC repo (they can undo the protection)."})
     license: str | None = field(default=None, metadata={"help": "License of the published dataset, a Hub license id (cc-by-4.0, mit, other, ...); default: the source dataset card's."})
 
     def __post_init__(self):
         get_protection(self.method)  # raises, listing the registered methods
+        for name in ("shard_size", "craft_batch_size"):  # 0 or -1 would fail only after compute
+            whole_number(getattr(self, name), f"--{name}")
         if self.eps is not None and not 0 < self.eps <= 255:
             Budget.from_eps(self.eps)  # raises now, at parsing (below one level is the method's question: _check_budget)
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cifar10-sep).")
+        if self.hub_squash_history and not self.push_to_hub:
+            raise ValueError("--hub_squash_history needs --push_to_hub and --hub_dataset_id: it squashes that repo's history.")
         if self.push_to_hub and self.hub_source_model_id is None:
             self.hub_source_model_id = f"{self.hub_dataset_id}-source"
 
@@ -209,6 +218,27 @@ class ProtectionContext:
         return TrainingData(images, labels, eval_images, eval_labels, self.columns.class_names, self.dataset.dataset_id,
                             self.dataset.revision, eval_split=eval_name)
 
+    def check_ensemble_size(self, checkpoints: str | None, num_models: int | None, origin: str) -> None:
+        """Before any compute: an ensemble of ``num_models`` checkpoints (None: all) must be possible, from a
+        local --checkpoints folder or from the source run trained here. ``origin`` says where the number came
+        from (--num_models, or a preset). A Hub repo's checkpoints are counted when it is read."""
+        if num_models is None:
+            return
+        whole_number(num_models, "--num_models")
+        if checkpoints:
+            folder = Path(checkpoints).expanduser()
+            available = list_checkpoints(folder) if folder.is_dir() else []  # none: loading them says why
+            if available:  # the one picker refuses too many, as loading them would
+                evenly_spaced(available, num_models)
+            return
+        config = self.source_config
+        kept = len(config.checkpoint_epochs())
+        if num_models > kept:
+            longer = f" and --epochs {num_models} or more" if num_models > config.epochs else ""
+            raise ValueError(f"The ensemble takes {num_models} checkpoints ({origin}) but the source trained here keeps "
+                             f"the {kept} checkpoints of --num_checkpoints {config.num_checkpoints} over --epochs "
+                             f"{config.epochs}: pass --num_models {kept} or fewer, or --num_checkpoints {num_models}{longer}.")
+
     def ensemble(self, checkpoints: str | None, revision: str | None, num_models: int | None) -> CheckpointEnsemble:
         """The source checkpoints: ``checkpoints``, or a source run trained (and pushed) here first."""
         key = (checkpoints, revision, num_models)
@@ -292,9 +322,13 @@ def _check_budget(args: ProtectArguments, transform_cls: type) -> None:
         if args.eps is not None:
             raise ValueError(f"--method {args.method} has no L-inf budget: drop --eps.")
         return
-    budget = args.budget  # raises below one level
-    if args.eps is not None and args.eps != budget.levels:
-        logger.warning("--eps %g is applied as %s: budgets are whole 1/255 levels.", args.eps, budget)
+    args.budget  # noqa: B018 (raises below one level)
+
+
+def _warn_off_grid_budget(args: ProtectArguments, transform_cls: type) -> None:
+    """Once, from the main process (the checks above also run in every process before the Accelerator exists)."""
+    if transform_cls.has_budget and args.eps is not None and args.eps != args.budget.levels:
+        logger.warning("--eps %g is applied as %s: budgets are whole 1/255 levels.", args.eps, args.budget)
 
 
 def _check_perturbed(name: str, summary: dict, transform) -> None:
@@ -316,6 +350,22 @@ def _published_splits(dataset: ImageDataset, args: ProtectArguments, data_args: 
         limit = data_args.max_train_samples if name == data_args.train_split else data_args.max_eval_samples
         splits[name] = split.select(range(min(limit, split.num_rows))) if limit else split
     return splits
+
+
+def _warn_about_history(args: ProtectArguments, in_place: bool) -> None:
+    """Before any compute: the dataset repo's earlier revisions stay loadable after the upload, unless squashed."""
+    commits, other_refs = hub.repo_history(args.hub_dataset_id, "dataset")
+    held = "the unprotected originals" if in_place else "what the repo held before"
+    if commits and not args.hub_squash_history:
+        logger.warning(
+            "Dataset repo '%s' has %d earlier commit(s): after this upload they still hold %s, loadable by anyone "
+            "who can read the repo (load_dataset(..., revision=<commit>)). Publish to a new repo (another "
+            "--hub_dataset_id), or pass --hub_squash_history to squash its history into one commit after the upload "
+            "(HfApi.super_squash_history; cannot be undone).", args.hub_dataset_id, commits, held)
+    if other_refs:
+        logger.warning("Dataset repo '%s' also has %s, which keep(s) %s whatever happens to its main branch: delete "
+                       "them on the Hub (HfApi.delete_branch / delete_tag, or close the pull requests).",
+                       args.hub_dataset_id, ", ".join(other_refs), held)
 
 
 def source_license(dataset: ImageDataset) -> str | None:
@@ -345,9 +395,10 @@ def run_protection(
     ``method_args`` are the parsed method flag dataclasses (``sep_hf.protect.protection_arguments``).
     """
     apply_preset(run_args.preset, data_args, source_config)
-    output_dir = Path(run_args.output_dir)
     wall: dict[str, float] = {}
     transform_cls = check_protect_flags(args, method_args)
+    _warn_off_grid_budget(args, transform_cls)
+    output_dir = check_writable(run_args.output_dir)  # before any compute: nothing would be kept otherwise
 
     # Validate everything before spending compute or touching the Hub
     with accelerator.main_process_first():
@@ -358,6 +409,7 @@ def run_protection(
     owner_card = None
     if args.push_to_hub and accelerator.is_main_process:  # fail now, not after hours of crafting
         hub.check_write_access(args.hub_dataset_id, "dataset")
+        _warn_about_history(args, in_place=dataset.dataset_id == args.hub_dataset_id)
         if dataset.dataset_id == args.hub_dataset_id and "README.md" in hub.repo_files(args.hub_dataset_id, "dataset"):
             owner_card = hub.load_card(args.hub_dataset_id, "dataset")  # protected in place: their card is kept
         if not any(getattr(item, "checkpoints", None) for item in method_args):
@@ -369,6 +421,7 @@ def run_protection(
         raise ValueError(f"--protect_splits {unknown} are not published splits ({', '.join(splits)}).")
     context = ProtectionContext(args, list(method_args), dataset, data_args, source_config, run_args, accelerator,
                                 output_dir, wall)
+    transform_cls.check_arguments(context, args.method)  # e.g. more checkpoints than the source will keep
     start = time.perf_counter()
     context.scan(splits)  # every published image decoded once (a corrupt image or a bad label fails here)
     for name in protect_names:
@@ -425,6 +478,8 @@ def run_protection(
         "mean_psnr": sum(s["mean_psnr"] * s["num_examples"] for s in split_stats.values())
         / sum(s["num_examples"] for s in split_stats.values()),
         "dataset": public_name(dataset.dataset_id), "dataset_revision": dataset.revision, "preset": run_args.preset,
+        "class_encoded": {"column": dataset.class_encoded, "names": list(dataset.columns.class_names)}
+        if dataset.class_encoded else None,
         "image_mode": context.mode,
         "image_size": list(context.size), "resolution": _resolution(context),
         "num_processes": accelerator.num_processes, "hub_dataset_id": args.hub_dataset_id if args.push_to_hub else None,
@@ -439,15 +494,16 @@ def run_protection(
     card_data, body = protected_dataset_card(results, transform.card_lines(results), GRID_FILE)
     if owner_card is not None:
         card_data, body = keep_owner_card(owner_card, card_data, body)
-    write_hub_layout(protected, folder, card_data, body)
     # A method without an L-inf budget (e.g. CUDA) scales the grid's perturbation row to its largest change
     budget = results["eps"] if results["eps"] is not None else max(results["max_linf"], 1)
-    (folder / GRID_FILE).write_bytes(sample_grid_png(clean, shown, budget / 255))
-    if args.push_to_hub:  # the repo is created (or its visibility set) only now that there is data to publish
-        hub.ensure_repo_visibility(args.hub_dataset_id, "dataset", private=args.hub_private_dataset)
-        results["hub_revision"] = hub.upload_folder(args.hub_dataset_id, folder, "dataset",
-                                                    f"Publish {args.method} protection ({budget_text(results['eps'])})",
-                                                    delete_patterns=["data/*"])
+    with atomic_folder(folder) as staging:  # a full disk or a kill leaves the previous dataset/, never part of one
+        write_hub_layout(protected, staging, card_data, body)
+        (staging / GRID_FILE).write_bytes(sample_grid_png(clean, shown, budget / 255))
+    if args.push_to_hub:  # the repo is created only now that there is data to publish (publish_folder: visibility)
+        results["hub_revision"] = hub.publish_folder(
+            args.hub_dataset_id, folder, "dataset", f"Publish {args.method} protection ({budget_text(results['eps'])})",
+            private=args.hub_private_dataset, new_repo_private=False, delete_patterns=["data/*"],
+            squash=args.hub_squash_history)
     wall["publishing"] = time.perf_counter() - start
     results["wall_seconds"] = wall
     write_json(output_dir / RESULTS_FILE, results)

@@ -71,7 +71,8 @@ def source_model_card(
     name = repo_id or "sep-hf source run"
     final = history[-1] if history else None
     eval_results = []
-    if final is not None and not dataset_id.startswith("/"):
+    on_hub = dataset_revision is not None  # a local folder (named by its folder name only) has no revision
+    if final is not None and on_hub:
 
         eval_results.append(EvalResult(
             task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id,
@@ -81,7 +82,7 @@ def source_model_card(
         ))
     data = ModelCardData(
         library_name="sep-hf", tags=["sep-hf", "self-ensemble-protection", "image-classification", "timm"],
-        datasets=[dataset_id] if not dataset_id.startswith("/") else None, metrics=["accuracy"],
+        datasets=[dataset_id] if on_hub else None, metrics=["accuracy"],
         model_name=name.split("/")[-1], eval_results=eval_results or None, pipeline_tag="image-classification",
     )
     return ModelCard.from_template(
@@ -216,6 +217,16 @@ def keep_owner_card(owner_card, data, body: str):
     return DatasetCardData(**merged), text
 
 
+def _schema_sentence(class_encoded: dict | None, shown: int = 10) -> str:
+    """What the card says of the columns: the source's, and how class names (strings) became a ClassLabel."""
+    if not class_encoded:
+        return "Same columns and labels as the source."
+    names = class_encoded["names"]
+    listed = ", ".join(f"{index} = {name}" for index, name in enumerate(names[:shown])) + (", ..." if len(names) > shown else "")
+    return (f"Same columns as the source; its class names in `{class_encoded['column']}` are stored as a ClassLabel, "
+            f"class-encoded as `datasets`' `class_encode_column` does (names sorted: {listed}).")
+
+
 def protected_dataset_card(results: dict, method_lines: list[str], grid_file: str):
     """Card data and body of a protected dataset; figures come from ``results`` (results.json) and the
     method's own lines (``ProtectionTransform.card_lines``)."""
@@ -254,6 +265,7 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
     card = DatasetCard.from_template(
         data, template_path=TEMPLATES / "protected_dataset_card.md", protection_begin=PROTECTION_BEGIN,
         protection_end=PROTECTION_END, source_dataset=source_dataset, revision=revision, method=results["method"],
+        schema_sentence=_schema_sentence(results.get("class_encoded")),
         reference=reference, mean_psnr=results["mean_psnr"], method_text="\n".join(method_lines), protected=protected,
         pixel_line=pixel_line, license=data.license, license_note=license_note, splits=results["splits"],
         grid_file=grid_file, victim_table=_victim_table(results.get("victims", [])),

@@ -10,13 +10,19 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, ModelCard, get_token, snapshot_download
+from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, ModelCard, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from sep_hf.utils.logging import get_logger
 
+try:  # the HTTP client under huggingface_hub: httpx2 from its 2.0, httpx before
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - huggingface_hub 1.x
+    from httpx import TransportError
+
 __all__ = [
     "HubError",
+    "unreachable",
     "dataset_commit_sha",
     "repo_commit_sha",
     "ensure_repo",
@@ -24,6 +30,9 @@ __all__ = [
     "ensure_repo_visibility",
     "check_write_access",
     "repo_visibility",
+    "publish_folder",
+    "repo_history",
+    "squash_history",
     "BackgroundUploader",
     "download_repo",
     "repo_files",
@@ -37,6 +46,23 @@ logger = get_logger(__name__)
 
 class HubError(RuntimeError):
     """A Hub operation failed; the message says which repo and what to check."""
+
+
+def _unreachable_text(err: BaseException) -> str:
+    return (f"the Hub at {constants.ENDPOINT} cannot be reached ({err or type(err).__name__}). Check the network "
+            "connection (and HF_ENDPOINT), then run the same command again")
+
+
+def unreachable(err: BaseException) -> HubError | None:
+    """A one-line ``HubError`` for a network failure on the way to the Hub; None for any other error.
+
+    ``TransportError`` is huggingface_hub's client failing to connect, read or write (after its own
+    retries); a bare ``ConnectionError`` is how ``datasets`` says it could not reach the Hub.
+    """
+    if isinstance(err, TransportError) or type(err) is ConnectionError:
+        text = _unreachable_text(err)
+        return HubError(text[0].upper() + text[1:] + ".")
+    return None
 
 
 def _api() -> HfApi:
@@ -174,8 +200,8 @@ def ensure_private_repo(repo_id: str, repo_type: str = "model", allow_public: bo
             "push them to a public repo anyway."
         )
     elif before is False:
-        logger.warning("Pushing source checkpoints to PUBLIC %s repo '%s' (--hub_allow_public_source): anyone "
-                       "can use them to undo the protection.", repo_type, repo_id)
+        logger.warning("Pushing source checkpoints to PUBLIC %s repo '%s' (--hub_allow_public_source / "
+                       "--hub_private_repo false): anyone can use them to undo the protection.", repo_type, repo_id)
     return _repo_url(repo_id, repo_type)
 
 
@@ -291,7 +317,75 @@ def upload_folder(repo_id: str, folder: str | Path, repo_type: str = "dataset", 
                                     commit_message=message, delete_patterns=delete_patterns)
     except HfHubHTTPError as err:
         raise HubError(f"Upload to {repo_type} repo '{repo_id}' failed: {err}") from err
+    except TransportError as err:
+        raise HubError(f"Upload to {repo_type} repo '{repo_id}' failed: {_unreachable_text(err)}.") from err
     return info.oid
+
+
+def publish_folder(repo_id: str, folder: str | Path, repo_type: str, message: str, private: bool | None = None,
+                   new_repo_private: bool = True, delete_patterns: list[str] | None = None,
+                   squash: bool = False) -> str:
+    """Upload ``folder`` as one commit, leave the repo as visible as its owner asked, and nothing public on failure.
+
+    ``private`` None keeps an existing repo's visibility: only an explicit flag changes it. A missing repo
+    is created private and gets its visibility (``private``, else ``new_repo_private``) only once the upload
+    landed; a repo going private goes private before the upload, one going public only after it and after
+    ``squash`` (``squash_history``), so that its earlier revisions are gone before anyone can read them.
+    If anything fails, a repo created here is deleted, or left private and empty when the Hub is gone.
+    Returns the commit sha at the head of the repo.
+    """
+    _check_repo_id(repo_id)
+    before = _ensure_exists(repo_id, repo_type, private=True)
+    created = before is None
+    wanted = private if private is not None else (new_repo_private if created else before)
+    if created or wanted:
+        _set_visibility(repo_id, repo_type, True)  # a server may ignore the visibility given at creation
+    try:
+        sha = upload_folder(repo_id, folder, repo_type, message, delete_patterns)
+        if squash:
+            sha = squash_history(repo_id, repo_type, f"{message} (history squashed)")
+    except BaseException:
+        if created:
+            _remove_repo_of_failed_run(repo_id, repo_type)
+        raise
+    if not wanted:
+        _set_visibility(repo_id, repo_type, False)
+    return sha
+
+
+def _remove_repo_of_failed_run(repo_id: str, repo_type: str) -> None:
+    """Delete a repo this run created and could not fill; when that fails too, it stays private and empty."""
+    try:
+        _api().delete_repo(repo_id, repo_type=repo_type)
+    except (HfHubHTTPError, TransportError) as err:
+        logger.warning("%s repo '%s' was created by this run, which failed; it is left private and empty (deleting "
+                       "it failed: %s). Delete it on its settings page, or rerun to fill it.",
+                       repo_type.capitalize(), repo_id, err)
+
+
+def repo_history(repo_id: str, repo_type: str = "dataset") -> tuple[int, list[str]]:
+    """What an upload to ``repo_id`` leaves readable of its past: the commits of its default branch that held
+    anything (every commit but the Hub's first, empty one; 0 for a missing repo), and its other refs (branches,
+    tags, pull requests), which keep their own revisions whatever is done to the default branch."""
+    api = _api()
+    if not api.repo_exists(repo_id, repo_type=repo_type):
+        return 0, []
+    commits = api.list_repo_commits(repo_id, repo_type=repo_type)
+    refs = api.list_repo_refs(repo_id, repo_type=repo_type, include_pull_requests=True)
+    others = [ref.ref for ref in [*refs.branches, *refs.tags, *(refs.pull_requests or [])]
+              if ref.ref != f"refs/heads/{constants.DEFAULT_REVISION}"]
+    return len(commits) - 1, others
+
+
+def squash_history(repo_id: str, repo_type: str, message: str) -> str:
+    """Squash the default branch into one commit (``HfApi.super_squash_history``, cannot be undone): its
+    earlier revisions no longer load. Returns the sha of that commit."""
+    try:
+        _api().super_squash_history(repo_id, repo_type=repo_type, commit_message=message)
+    except HfHubHTTPError as err:
+        raise HubError(f"Cannot squash the history of {repo_type} repo '{repo_id}': {err}. Squash it with "
+                       "HfApi().super_squash_history, or delete and recreate the repo.") from err
+    return repo_commit_sha(repo_id, repo_type)
 
 
 def load_card(repo_id: str, repo_type: str = "dataset"):

@@ -1,22 +1,25 @@
 """Checkpoint folders: ``checkpoints/epoch-XXX/{model.safetensors, training_state.pt, record.json}``.
 
-A checkpoint is written into a hidden staging folder and renamed into place only when complete;
-``record.json`` holds the sha256 of every other file, so a half-written or truncated checkpoint
-(locally or from the Hub) is never loaded.
+A checkpoint is written into a hidden staging folder and renamed into place only when complete
+(``utils.io.atomic_folder``: a full disk leaves no partial folder); ``record.json`` holds the sha256
+of every other file, so a half-written or truncated checkpoint (locally or from the Hub) is never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from sep_hf.utils.io import atomic_folder
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -90,26 +93,26 @@ class Checkpoint:
 def save_checkpoint(
     root: str | Path, epoch: int, state_dict: dict[str, torch.Tensor], record: dict, training_state: dict | None = None
 ) -> Checkpoint:
-    """Write ``root/checkpoints/epoch-XXX`` atomically and return it."""
-    parent = Path(root) / CHECKPOINTS_DIR
-    parent.mkdir(parents=True, exist_ok=True)
-    final = parent / checkpoint_dirname(epoch)
-    staging = parent / f".{checkpoint_dirname(epoch)}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, staging / MODEL_FILE)
-    files = [MODEL_FILE]
+    """Write ``root/checkpoints/epoch-XXX`` atomically and return it.
+
+    The files are serialized in memory and written by Python: safetensors and ``torch.save`` writing
+    to a path report a full disk in exception types of their own, a Python write as ENOSPC.
+    """
+    contents = {MODEL_FILE: safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})}
     if training_state is not None:
-        torch.save(training_state, staging / STATE_FILE)
-        files.append(STATE_FILE)
-    record = {**record, "epoch": epoch, "files": {name: _sha256(staging / name) for name in files}}
-    with open(staging / RECORD_FILE, "w") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+        buffer = io.BytesIO()
+        torch.save(training_state, buffer)
+        contents[STATE_FILE] = buffer.getvalue()
+    files = {name: hashlib.sha256(content).hexdigest() for name, content in contents.items()}
+    record = {**record, "epoch": epoch, "files": files}
+    final = Path(root) / CHECKPOINTS_DIR / checkpoint_dirname(epoch)
+    with atomic_folder(final) as staging:
+        for name, content in contents.items():
+            (staging / name).write_bytes(content)
+        with open(staging / RECORD_FILE, "w") as handle:
+            json.dump(record, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
     return Checkpoint(final, record)
 
 

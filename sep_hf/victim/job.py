@@ -21,7 +21,7 @@ from sep_hf.defenses import build_defense
 from sep_hf.models import hub_model_id, public_model_name
 from sep_hf.publish import hub
 from sep_hf.publish.cards import accuracy_curve_png, add_victim_to_dataset_card, victim_model_card
-from sep_hf.utils.io import write_json
+from sep_hf.utils.io import check_writable, write_json
 from sep_hf.utils.presets import apply_preset
 from sep_hf.utils.runtime import resolve_mixed_precision
 from sep_hf.victim.trainer import TrainerArguments, train_victim
@@ -70,12 +70,25 @@ def _dataset_card_row(results: dict) -> dict:
                                               "clean_fraction")}
 
 
-def _update_dataset_card(dataset: str, row: dict) -> None:
-
-
+def _hub_dataset(dataset: str) -> str | None:
+    """The Hub repo of ``--dataset``; None for a local folder."""
     dataset_id = resolve_dataset_name(dataset)
-    local = Path(dataset_id)
-    if local.is_dir():
+    return None if Path(dataset_id).is_dir() else dataset_id
+
+
+def _check_write_access(hub_args: HubArguments, victim_args: VictimArguments, dataset: str) -> None:
+    """Before any compute: a token that cannot write the victim repo or the dataset card fails now, not after training."""
+    if hub_args.push_to_hub:
+        hub.check_write_access(hub_args.hub_model_id, "model")
+    card_repo = _hub_dataset(dataset) if victim_args.update_dataset_card else None
+    if card_repo is not None:
+        hub.check_write_access(card_repo, "dataset")
+
+
+def _update_dataset_card(dataset: str, row: dict) -> None:
+    dataset_id = _hub_dataset(dataset)
+    if dataset_id is None:
+        local = Path(resolve_dataset_name(dataset))
         card = add_victim_to_dataset_card(DatasetCard.load(local / CARD_FILE), row)
         card.save(local / CARD_FILE)
     else:
@@ -98,14 +111,14 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
     pretrained = check_pretrained(config, data_args)  # also refuses --linear_probe without pretrained weights
     base_model = (hub_model_id(config.model) or pretrained.get("hf_hub_id")) if pretrained else None
     state = PartialState()
-    output_dir = Path(run_args.output_dir)
+    if state.is_main_process:
+        _check_write_access(hub_args, victim_args, data_args.dataset)
+    output_dir = check_writable(run_args.output_dir)  # before any compute: the model could not be saved otherwise
     with state.main_process_first():
         data = load_training_data(data_args)
         if victim_args.clean_fraction > 0:
             clean = load_training_data(replace(data_args, dataset=victim_args.clean_dataset, eval_dataset=None))
             data = mix_clean_rows(data, clean, victim_args.clean_fraction, config.seed)
-    if hub_args.push_to_hub and state.is_main_process:
-        hub.ensure_repo(hub_args.hub_model_id, "model", private=hub_args.hub_private_repo)
     mixed_precision = resolve_mixed_precision(run_args.mixed_precision, use_cpu=not state.device.type == "cuda")
     results = train_victim(config, data, output_dir, defense, mixed_precision=mixed_precision,
                            gradient_accumulation_steps=run_args.gradient_accumulation_steps, trainer_args=trainer_args)
@@ -133,8 +146,11 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
     write_json(model_dir / RESULTS_FILE, results)
     write_json(output_dir / RESULTS_FILE, results)
     if hub_args.push_to_hub:
-        results["hub_revision"] = hub.upload_folder(hub_args.hub_model_id, model_dir, "model",
-                                                    f"Victim {results['model']} ({config.defense}): {results['eval_accuracy']:.4f}")
+        # created only now, private until the upload landed; an existing repo keeps its visibility
+        results["hub_revision"] = hub.publish_folder(
+            hub_args.hub_model_id, model_dir, "model",
+            f"Victim {results['model']} ({config.defense}): {results['eval_accuracy']:.4f}",
+            new_repo_private=hub_args.hub_private_repo)
         write_json(output_dir / RESULTS_FILE, results)
     if victim_args.update_dataset_card:
         _update_dataset_card(data_args.dataset, _dataset_card_row(results))

@@ -35,6 +35,7 @@ from sep_hf.defenses.base import Defense
 from sep_hf.models import check_model_name, load_pretrained_backbone, timm_model_args
 from sep_hf.source.augment import augment_crop_flip, channel_stats
 from sep_hf.source.recipe import TrainingRecipe, parameter_groups
+from sep_hf.source.train import epoch_batch_size
 from sep_hf.utils.logging import get_logger
 
 __all__ = [
@@ -140,8 +141,9 @@ class VictimTrainer(Trainer):
         self._generator = torch.Generator().manual_seed(recipe.seed)
 
     def get_train_dataloader(self):
-        # Drop the last partial batch in training only (as the source loop does); never in evaluation.
-        self.args.dataloader_drop_last = True
+        # Drop the last partial batch in training only (as the source loop does); never in evaluation, and
+        # never when the training split is shorter than one batch: that batch is the epoch.
+        self.args.dataloader_drop_last = len(self.train_dataset) >= self.recipe.batch_size
         try:
             return super().get_train_dataloader()
         finally:
@@ -301,7 +303,8 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     ``config.batch_size`` is the global batch of one optimizer step, as for the source: each of the
     N processes (accelerate's ``PartialState``) gets ``batch_size / (N x gradient_accumulation_steps)``
     images per micro-batch, so the learning-rate schedule, sized in optimizer steps of the global
-    batch, runs to its end whatever N is. Raises ValueError if that does not divide evenly.
+    batch, runs to its end whatever N is. Raises ValueError if that does not divide evenly. Fewer
+    training images than ``batch_size``: one smaller batch per epoch (``source.train.epoch_batch_size``).
     """
     output_dir = Path(output_dir)
     # TrainingArguments sets up the distributed state (a PartialState made earlier may still say 1 process)
@@ -318,7 +321,9 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     if config.batch_size % (world * gradient_accumulation_steps):
         raise ValueError(f"--batch_size {config.batch_size} must be divisible by processes x gradient accumulation "
                          f"({world} x {gradient_accumulation_steps}).")
-    micro_batch = args.per_device_train_batch_size = config.batch_size // (world * gradient_accumulation_steps)
+    num_train, parts = len(data.train_labels), world * gradient_accumulation_steps
+    batch_size = epoch_batch_size(config.batch_size, num_train, parts)  # a short dataset: one smaller batch
+    micro_batch = args.per_device_train_batch_size = -(-batch_size // parts)  # ceil: every image of a short batch
     torch.manual_seed(config.seed)
     defense = defense or Defense()
     if defense.name != config.defense:
@@ -343,9 +348,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     groups = parameter_groups(model.timm_model, config, linear_probe=config.linear_probe)
     model = defense.wrap_model(model.to(memory_format=torch.channels_last))
 
-    steps_per_epoch = len(data.train_labels) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {config.batch_size} is larger than the {len(data.train_labels)} training images.")
+    steps_per_epoch = num_train // batch_size
     optimizer, scheduler = config.optimizer_and_schedule(groups, steps_per_epoch)
     metric = _accuracy_metric()
 

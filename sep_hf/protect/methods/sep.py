@@ -438,12 +438,26 @@ class SEPTransform(ProtectionTransform):
                          vr_steps=args.vr_steps, seed=context.seed, bf16=context.bf16)
 
     @classmethod
+    def ensemble_size(cls, context, config: SEPConfig) -> tuple[int | None, str]:
+        """(K, where it comes from): --num_models, else the paper preset's equal-compute K, else None (every checkpoint)."""
+        num_models = context.arguments(SEPArguments).num_models
+        if num_models is None and context.run_args.preset == "paper":
+            return SEPArguments.PAPER_NUM_MODELS[config.method], f"--preset paper's --num_models for {config.method}"
+        return num_models, f"--num_models {num_models}"
+
+    @classmethod
+    def check_arguments(cls, context, name: str) -> None:
+        """Before any compute: the crafting settings, and an ensemble the checkpoints (or the source run
+        trained first) can give; else the source would train for hours, then fail."""
+        args = context.arguments(SEPArguments)
+        config = cls.config_from(context, name)  # raises on bad steps, step sizes, robust settings
+        context.check_ensemble_size(args.checkpoints, *cls.ensemble_size(context, config))
+
+    @classmethod
     def from_arguments(cls, context, name: str) -> SEPTransform:
         args = context.arguments(SEPArguments)
         config = cls.config_from(context, name)
-        num_models = args.num_models
-        if num_models is None and context.run_args.preset == "paper":
-            num_models = SEPArguments.PAPER_NUM_MODELS[config.method]
+        num_models, _ = cls.ensemble_size(context, config)
         ensemble = context.ensemble(args.checkpoints, args.checkpoints_revision, num_models)
         class_means = None
         labels = torch.from_numpy(context.scans[context.data_args.train_split].labels)
