@@ -158,8 +158,11 @@ def test_zero_rows_and_unknown_dataset(tmp_path, loopback_hub):
 def test_data_arguments_validate():
     with pytest.raises(DatasetError, match="--resize"):
         DataArguments(resize=[0, 3])
-    with pytest.raises(DatasetError, match="--max_train_samples must be positive"):
-        DataArguments(max_train_samples=0)
+    for bad in (0, -1, 2.5, True):  # a JSON / YAML argument file can hold any of these
+        with pytest.raises(ValueError, match="--max_train_samples must be a positive whole number"):
+            DataArguments(max_train_samples=bad)
+    with pytest.raises(ValueError, match="--max_eval_samples must be a positive whole number"):
+        DataArguments(max_eval_samples=0.5)
     assert DataArguments(resize=[64]).resize == [64, 64]
 
 

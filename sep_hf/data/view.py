@@ -30,6 +30,7 @@ from sep_hf.data.images import (
     union_mode,
 )
 from sep_hf.data.load import DatasetError, ImageColumns, ImageDataset, load_image_dataset, resolve_dataset_name
+from sep_hf.utils.flags import whole_number
 from sep_hf.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -218,10 +219,9 @@ class DataArguments:
                 setattr(self, name, value)
             if value is not None and (len(value) != 2 or min(value) <= 0):
                 raise DatasetError(f"--{name} takes S or H W (positive), got {value}.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise DatasetError(f"--{name} must be positive, got {value}.")
+        for name in ("max_train_samples", "max_eval_samples"):  # 2.5 or true from a JSON/YAML file too
+            if getattr(self, name) is not None:
+                whole_number(getattr(self, name), f"--{name}")
         if not 0 < self.validation_split_percentage < 100:
             raise DatasetError(f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}.")
 
