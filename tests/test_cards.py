@@ -58,3 +58,21 @@ def test_card_states_how_class_names_became_a_class_label():
     _, body = protected_dataset_card({**results, "class_encoded": encoded}, [], "grid.png")
     assert "Same columns and labels" not in body and "class names in `label` are stored as a ClassLabel" in body
     assert "`class_encode_column`" in body and "0 = class00, 1 = class01" in body and "9 = class09, ...)" in body
+
+
+def test_real_imagenet_appropriator_is_stated_or_said_unmeasured(tmp_path):
+    """The card names what an ImageNet backbone probed or fine-tuned reached on the method's bench data, with the clean
+    figure beside it; a method it was not measured against is said so, never left out."""
+    from sep_hf.publish.cards import real_appropriator_sentence
+
+    path = tmp_path / "real_appropriator_cpu.json"
+    path.write_text(json.dumps({"backbone": "timm/tf_efficientnet_lite2.in1k", "protocol": "10,000 images",
+                                "machines": ["AMD EPYC (bf16)"],
+                                "rows": {"clean": {"linear-probe": 0.76, "pretrained-ft": 0.79},
+                                         "sep-fa-vr": {"linear-probe": 0.58, "pretrained-ft": 0.29}}}))
+    text = real_appropriator_sentence("sep-fa-vr", path)
+    assert "`timm/tf_efficientnet_lite2.in1k`" in text and "AMD EPYC (bf16)" in text
+    assert "a linear probe of a frozen pretrained backbone reaches 0.5800 (0.7600 on clean data)" in text
+    assert "fine-tuning a pretrained backbone reaches 0.2900 (0.7900 on clean data)" in text
+    assert "has not been measured against this method" in real_appropriator_sentence("cuda", path)
+    assert "has not been measured" in real_appropriator_sentence("sep-fa-vr", tmp_path / "missing.json")

@@ -159,7 +159,8 @@ def measured_matrix_section(method: str, eps: int | None, preset: str, path: Pat
     row = measured.get("rows", {}).get(method)
     if preset != "cpu" or row is None or row.get("eps") != eps:
         return ("No protection matrix has been measured for this method at this scale: how much an appropriator's "
-                "training (JPEG recompression, adversarial training, noise, ...) recovers is unknown here.")
+                "training (JPEG recompression, adversarial training, noise, an ImageNet backbone probed or fine-tuned, "
+                "...) recovers is unknown here.")
     clean = measured.get("clean", {})
     lines = ["| training | victim accuracy on protected data | same training on clean data |", "|---|---:|---:|"]
     lines += [f"| {column} | {accuracy:.4f} | {clean[column]:.4f} |" if column in clean else
@@ -172,7 +173,7 @@ def measured_matrix_section(method: str, eps: int | None, preset: str, path: Pat
             f"**Protection floor** (the best accuracy an appropriator reaches over these trainings): "
             f"**{row['floor']:.4f}** with `{row['floor_defense']}`. Trainings that undo most of the protection "
             f"(at least {measured.get('defeat_share', 0.8):.0%} of the clean-data accuracy): {defeated}.{missing}"
-            + _pretrained_sentence(row, clean))
+            + _pretrained_sentence(row, clean) + real_appropriator_sentence(method))
 
 
 PRETRAINED_COLUMNS = {"pretrained-ft": "fine-tuning a pretrained backbone", "linear-probe": "a linear probe of a frozen pretrained backbone"}
@@ -187,8 +188,28 @@ def _pretrained_sentence(row: dict, clean: dict) -> str:
                         + (f" ({clean[c]:.4f} on clean data)" if c in clean else "") for c in measured)
     defeated = [c for c in measured if c in row.get("defeated_by", [])]
     verdict = (" **This protection does not hold against a pretrained appropriator.**" if defeated
-               else f" The protection holds against {'both' if len(measured) == 2 else 'it'} at this scale.")
-    return f"\n\nThe pretrained appropriator (a backbone pretrained on other images): {reached}.{verdict}"
+               else f" The protection holds against {'both' if len(measured) == 2 else 'it'} of this stand-in.")
+    return (f"\n\nA stand-in pretrained appropriator (a small net the bench pretrained on other CIFAR-10 images, not an "
+            f"ImageNet backbone): {reached}.{verdict}")
+
+
+MEASURED_REAL_APPROPRIATOR = Path(__file__).parent / "measured" / "real_appropriator_cpu.json"
+
+
+def real_appropriator_sentence(method: str, path: Path = MEASURED_REAL_APPROPRIATOR) -> str:
+    """What an ImageNet backbone probed or fine-tuned reached on the bench's data protected by ``method``
+    (bench/real_appropriator.py --release), or that it was not measured: never silence."""
+    measured = json.loads(path.read_text()) if path.exists() else {}
+    backbone = measured.get("backbone", "timm/tf_efficientnet_lite2.in1k")
+    cells, clean = measured.get("rows", {}).get(method), measured.get("rows", {}).get("clean", {})
+    if not cells:
+        return (f"\n\nThe real appropriator, an ImageNet backbone (`{backbone}`) probed or fine-tuned, has not been "
+                "measured against this method: expect it to recover more than training from scratch.")
+    reached = "; ".join(f"{PRETRAINED_COLUMNS[column]} reaches {accuracy:.4f}"
+                        + (f" ({clean[column]:.4f} on clean data)" if column in clean else "")
+                        for column, accuracy in cells.items())
+    return (f"\n\nThe real appropriator, an ImageNet backbone (`{backbone}`, {measured['protocol']}; "
+            f"{', '.join(measured['machines'])}): {reached}.")
 
 
 PROTECTION_BEGIN = "<!-- sep-hf protection: begin -->"
