@@ -47,6 +47,11 @@ def cell(row: str, dataset: str, backbone: str, mode: str, size: int, epochs: in
             "output_dir": str(output)}
 
 
+def recorded_cells() -> list[dict]:
+    path = RESULTS_DIR / f"{NAME}.json"
+    return read_json(path)["cells"] if path.exists() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", required=True, metavar="NAME=DATASET")
@@ -64,15 +69,14 @@ def main() -> None:
     global PRECISION
     PRECISION = resolve_mixed_precision("auto", use_cpu=True)
     rows = dict(item.split("=", 1) for item in args.rows)
-    previous = read_json(RESULTS_DIR / f"{NAME}.json")["cells"] if (RESULTS_DIR / f"{NAME}.json").exists() else []
-    cells = {(c["row"], c["backbone"], c["mode"], c["image_size"]): c for c in previous}
     with bench_hub() as env:
         for mode in args.modes:
             size = args.image_size or MODES[mode][1]
             for backbone in args.backbones:
                 for row, dataset in rows.items():
                     result = cell(row, dataset, backbone, mode, size, args.epochs, env)
-                    cells[(row, backbone, mode, size)] = result
+                    cells = {(c["row"], c["backbone"], c["mode"], c["image_size"]): c for c in recorded_cells()}
+                    cells[(row, backbone, mode, size)] = result  # re-read first: another invocation may have added cells
                     ordered = sorted(cells.values(), key=lambda c: (c["mode"], c["backbone"], c["image_size"], c["row"]))
                     table = markdown_table(
                         ["row", "backbone", "training", "input px", "epochs", "clean test accuracy", "precision"],
