@@ -54,7 +54,7 @@ def recorded_cells() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", nargs="+", required=True, metavar="NAME=DATASET")
+    parser.add_argument("--rows", nargs="+", default=[], metavar="NAME=DATASET")
     parser.add_argument("--backbones", nargs="+", default=["lite2"], choices=["lite0", "lite1", "lite2"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--epochs", type=int, default=3)
@@ -98,7 +98,8 @@ def release() -> None:
     released = {"backbone": "timm/tf_efficientnet_lite2.in1k", "rows": rows,
                 "machines": [f"{machine['cpu']}, {machine['cores']} cores, {payload['cells'][0]['mixed_precision'] or 'fp32'}"],
                 "protocol": (f"the bench's 10,000 CIFAR-10 training images, 2,000 clean test images, {payload['cells'][0]['epochs']} "
-                             f"epochs, probe at {MODES['linear-probe'][1]} px, fine-tuning at {MODES['pretrained-ft'][1]} px")}
+                             "epochs, " + ", ".join(f"{mode} at {MODES[mode][1]} px" for mode in MODES
+                                                   if any(mode in cells for cells in rows.values())))}
     MEASURED_REAL_APPROPRIATOR.write_text(json.dumps(released, indent=2, sort_keys=True) + "\n")
     print(f"wrote {MEASURED_REAL_APPROPRIATOR}")
 
