@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import evaluate
 import pytest
@@ -152,3 +153,30 @@ def test_output_folder_that_cannot_be_written_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match="Output folder .*a-file/victim cannot be written"):  # not the missing dataset
         run_victim(VictimTrainingConfig(), DataArguments(dataset=str(tmp_path / "none")), run, HubArguments(),
                    VictimArguments())
+
+
+def test_a_full_disk_while_saving_the_victim_leaves_no_half_written_model(tmp_path, monkeypatch):
+    """The model folder appears whole or not at all: a save that fails after writing part of it leaves no model/ and
+    no staging folder behind."""
+    import errno
+
+    from transformers import Trainer
+
+    from sep_hf.data.view import TrainingData
+    from sep_hf.utils.presets import apply_preset
+    from sep_hf.victim.trainer import train_victim
+
+    def save_half(self, output_dir=None, _internal_call=False):
+        (Path(output_dir) / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_model", save_half)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 2
+    data = TrainingData(images[:12], labels[:12], images[12:], labels[12:], ("a", "b"), "random", None)
+    config = VictimTrainingConfig(model="smallnet_cifar", epochs=1, batch_size=12)
+    apply_preset("cpu", config)
+    with pytest.raises(OSError):
+        train_victim(config, data, tmp_path)
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model*"))

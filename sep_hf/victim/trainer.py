@@ -36,6 +36,7 @@ from sep_hf.models import check_model_name, load_pretrained_backbone, timm_model
 from sep_hf.source.augment import augment_crop_flip, channel_stats
 from sep_hf.source.recipe import TrainingRecipe, parameter_groups
 from sep_hf.source.train import epoch_batch_size
+from sep_hf.utils.io import atomic_folder
 from sep_hf.utils.logging import get_logger
 
 __all__ = [
@@ -172,6 +173,17 @@ class VictimTrainer(Trainer):
         loss = F.cross_entropy(outputs.logits.float(), labels,
                                label_smoothing=self.recipe.label_smoothing if model.training else 0.0)
         return (loss, outputs) if return_outputs else loss
+
+
+def save_victim_model(trainer: Trainer, model_dir: Path) -> None:
+    """``trainer.save_model`` into a staging folder the main process renames into ``model_dir`` (``io.atomic_folder``):
+    a full disk leaves the previous folder or none, never half a model. Every process calls ``save_model`` (FSDP and
+    DeepSpeed gather the weights on all of them); only the main one writes."""
+    if not trainer.is_world_process_zero():
+        trainer.save_model(str(model_dir.with_name(f".{model_dir.name}.partial")))
+        return
+    with atomic_folder(model_dir) as staging:
+        trainer.save_model(str(staging))
 
 
 class _EpochAccuracy(TrainerCallback):
@@ -367,7 +379,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     )
     train_output = trainer.train()
     final = history.history[-1]  # the evaluation after the last epoch is the final model's
-    trainer.save_model(str(output_dir / "model"))
+    save_victim_model(trainer, output_dir / "model")
     return {
         "eval_accuracy": final["eval_accuracy"],
         **accuracy_by_class(last["predictions"], last["labels"], data.class_names, pretrained_cfg.get("label_names")),
