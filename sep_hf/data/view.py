@@ -258,12 +258,16 @@ def held_out_rows(num_rows: int, args: DataArguments, seed: int = 0) -> tuple[li
     return sorted(order[count:].tolist()), held_out, f"{args.train_split} ({percentage:g}% held out)"
 
 
-def model_size(scans: Iterable[SplitScan], args: DataArguments) -> tuple[int, int]:
-    """The models' input size: --image_size, else the one size every scanned image has (DatasetError if mixed)."""
-    if args.image_size is not None:
-        return tuple(args.image_size)
+def model_size(scans: Iterable[SplitScan], args: DataArguments, native: bool = False) -> tuple[int, int]:
+    """The models' input size: --image_size, else the one size every scanned image has (DatasetError if mixed).
+
+    ``native``: the images' own size first when they share one (a model that resizes them itself: timm's
+    transforms of a pretrained victim), --image_size only for a folder of mixed sizes.
+    """
     scans = list(scans)
     sizes = {scan.uniform_size for scan in scans}
+    if args.image_size is not None and not (native and len(sizes) == 1 and None not in sizes):
+        return tuple(args.image_size)
     if len(sizes) == 1 and None not in sizes:
         return next(iter(sizes))
     seen = np.concatenate([scan.sizes for scan in scans])
@@ -333,8 +337,9 @@ def source_splits(dataset: ImageDataset, eval_dataset: ImageDataset, args: DataA
     return train, first_rows(eval_dataset.split(eval_name), args.max_eval_samples), eval_name
 
 
-def load_training_data(args: DataArguments, dataset: ImageDataset | None = None) -> TrainingData:
-    """The training split (of ``--dataset``) and evaluation split (of ``--eval_dataset``) in the models' view.
+def load_training_data(args: DataArguments, dataset: ImageDataset | None = None, native_size: bool = False) -> TrainingData:
+    """The training split (of ``--dataset``) and evaluation split (of ``--eval_dataset``) in the models' view
+    (``native_size``: at the images' own size when they share one, see ``model_size``).
 
     Every image is decoded once first (``scan_split``: bad images and labels raise ``DatasetError``
     here, before any compute), then decoded at the model size into tensors, or left on disk as
@@ -357,7 +362,7 @@ def load_training_data(args: DataArguments, dataset: ImageDataset | None = None)
     train_scan = scan_split(train, dataset.columns, resize=args.resize, desc="Checking training images")
     eval_scan = scan_split(evaluation, eval_dataset.columns, resize=args.resize, desc="Checking evaluation images")
     mode = colour_mode(train_scan.mode)
-    size = model_size([train_scan, eval_scan], args)
+    size = model_size([train_scan, eval_scan], args, native=native_size)
     train_images = model_view(train, dataset.columns, mode, size, args.resize, args.keep_in_memory_mb,
                               "Decoding training images")
     eval_images = model_view(evaluation, eval_dataset.columns, mode, size, args.resize, args.keep_in_memory_mb,

@@ -320,6 +320,18 @@ def _pretraining_lines(results: dict) -> str:
     return lines
 
 
+def _input_line(results: dict) -> str:
+    """The size the victim saw and how its images got there (older results.json: not recorded)."""
+    size, preprocessing = results.get("input_size"), results.get("preprocessing") or {}
+    if size is None:
+        return "- input: not recorded"
+    if preprocessing.get("transforms") == "timm":
+        return (f"- input: {size[0]}x{size[1]} px through timm's transforms for the weights (training: RandomResizedCrop, "
+                f"flip, colour jitter; evaluation: resize + centre crop at crop_pct {preprocessing.get('crop_pct')}, "
+                f"{preprocessing.get('interpolation')}; mean {list(preprocessing.get('mean', []))}, std {list(preprocessing.get('std', []))})")
+    return f"- input: {size[0]}x{size[1]} px, random crop (padding {preprocessing.get('crop_padding')}) and flip"
+
+
 def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
     """Card of a victim: clean test accuracy in ``model-index``, the (protected) data it saw."""
 
@@ -356,4 +368,5 @@ def victim_model_card(repo_id: str | None, results: dict, curve_file: str):
         reference_line=(f"- clean-trained reference (same recipe, clean data): **{reference:.4f}**"
                         if reference is not None else "- clean-trained reference: not measured for this run"),
         epochs=results["training_config"]["epochs"], train_seconds=results["train_seconds"], history=results["history"],
+        input_line=_input_line(results),
         curve_file=curve_file, defense_section=defense_section, load_from=repo_id or "OUTPUT_DIR/model")

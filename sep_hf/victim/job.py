@@ -115,13 +115,16 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
         _check_write_access(hub_args, victim_args, data_args.dataset)
     output_dir = check_writable(run_args.output_dir)  # before any compute: the model could not be saved otherwise
     with state.main_process_first():
-        data = load_training_data(data_args)
+        # a pretrained backbone resizes the images itself (timm's transforms, at --image_size or its weights' size)
+        data = load_training_data(data_args, native_size=config.pretrained)
         if victim_args.clean_fraction > 0:
-            clean = load_training_data(replace(data_args, dataset=victim_args.clean_dataset, eval_dataset=None))
+            clean = load_training_data(replace(data_args, dataset=victim_args.clean_dataset, eval_dataset=None),
+                                       native_size=config.pretrained)
             data = mix_clean_rows(data, clean, victim_args.clean_fraction, config.seed)
     mixed_precision = resolve_mixed_precision(run_args.mixed_precision, use_cpu=not state.device.type == "cuda")
     results = train_victim(config, data, output_dir, defense, mixed_precision=mixed_precision,
-                           gradient_accumulation_steps=run_args.gradient_accumulation_steps, trainer_args=trainer_args)
+                           gradient_accumulation_steps=run_args.gradient_accumulation_steps, trainer_args=trainer_args,
+                           input_size=data_args.image_size)
     if not state.is_main_process:
         return None
     # Public names only: a local folder is named by its folder name, never by its path (cards are pushed).
@@ -129,7 +132,7 @@ def run_victim(config, data_args: DataArguments, run_args: RunArguments, hub_arg
         model=public_model_name(config.model), base_model=base_model, defense=config.defense, dataset=public_name(data.dataset_id),
         dataset_revision=data.dataset_revision, eval_dataset=public_name(data.eval_dataset_id or data.dataset_id),
         eval_dataset_revision=data.eval_dataset_revision if data.eval_dataset_id else data.dataset_revision,
-        eval_split=data.eval_split, image_size=list(data.train_images.shape[2:]), preset=run_args.preset,
+        eval_split=data.eval_split, image_size=results["input_size"], preset=run_args.preset,
         clean_reference_accuracy=victim_args.clean_reference_accuracy,
         clean_dataset=public_name(resolve_dataset_name(victim_args.clean_dataset)) if victim_args.clean_fraction > 0 else None,
         clean_fraction=victim_args.clean_fraction,

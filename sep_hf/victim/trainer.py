@@ -1,9 +1,10 @@
 """Victims: timm models trained with transformers ``Trainer`` on (protected) data, evaluated clean.
 
 The model is a stock ``TimmWrapperForImageClassification`` (so the pushed repo loads with
-``AutoModelForImageClassification`` + ``AutoImageProcessor``); normalization is the image
-processor's job, done here by the collator on whole batches. Spatial augmentation commutes with
-per-channel normalization, so it runs on normalized batches inside ``compute_loss``. Defenses
+``AutoModelForImageClassification`` + ``AutoImageProcessor``). From scratch, normalization is the image
+processor's job, done here by the collator on whole batches; spatial augmentation commutes with
+per-channel normalization, so it runs on normalized batches inside ``compute_loss``. A pretrained
+backbone gets timm's own transforms for its weights instead (``victim.preprocessing``), image by image. Defenses
 (``--defense``, sep_hf/defenses/) hook in at four points: the uint8 training images before
 training (JPEG, grayscale), each augmented training batch (PGD, in pixels through
 ``VictimTrainer.to_pixels`` / ``to_normalized``), the model (RSE noise) and evaluation logits
@@ -38,6 +39,7 @@ from sep_hf.source.recipe import TrainingRecipe, parameter_groups
 from sep_hf.source.train import epoch_batch_size
 from sep_hf.utils.io import atomic_folder
 from sep_hf.utils.logging import get_logger
+from sep_hf.victim.preprocessing import timm_preprocessing
 
 __all__ = [
     "VictimTrainingConfig",
@@ -105,37 +107,49 @@ class VictimTrainingConfig(TrainingRecipe):
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
-    """uint8 images (N, C, H, W) and labels in memory: indexing is a tensor view, not a decode."""
+    """uint8 images (N, C, H, W) and labels in memory: indexing is a tensor view, not a decode.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    With ``transform`` (timm's, ``victim.preprocessing``) each image is returned transformed and normalized
+    as ``pixel_values``; without, as the uint8 ``image`` the collator normalizes batch-wise.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
+        if self.transform is not None:
+            return {"pixel_values": self.transform(self.images[index]), "label": self.labels[index]}
         return {"image": self.images[index], "label": self.labels[index]}
 
 
 class VictimCollator:
-    """Stacks a batch and normalizes it (the image processor's step): pixel_values, labels."""
+    """Stacks a batch and normalizes it (the image processor's step, unless the dataset's transform did): pixel_values, labels."""
 
     def __init__(self, mean, std):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
     def __call__(self, examples: list[dict]) -> dict:
+        labels = torch.stack([example["label"] for example in examples])
+        if "pixel_values" in examples[0]:
+            return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]), "labels": labels}
         images = torch.stack([example["image"] for example in examples]).float().div_(255.0)
-        return {"pixel_values": (images - self.mean) / self.std,
-                "labels": torch.stack([example["label"] for example in examples])}
+        return {"pixel_values": (images - self.mean) / self.std, "labels": labels}
 
 
 class VictimTrainer(Trainer):
-    """``Trainer`` with batched augmentation, label smoothing and the defense's hooks in ``compute_loss``."""
+    """``Trainer`` with batched augmentation, label smoothing and the defense's hooks in ``compute_loss``.
 
-    def __init__(self, *args, recipe: TrainingRecipe, mean, std, defense: Defense | None = None, **kwargs):
+    ``augment=False``: the batches arrive augmented (timm's transforms); only the defense transforms them.
+    """
+
+    def __init__(self, *args, recipe: TrainingRecipe, mean, std, defense: Defense | None = None, augment: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.recipe = recipe
+        self.recipe, self.augment = recipe, augment
         self.defense = defense or Defense()
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -158,7 +172,9 @@ class VictimTrainer(Trainer):
 
     def training_batch(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented, then defense-transformed (PGD, mixup, ...) normalized inputs and their targets."""
-        augmented = augment_crop_flip(pixel_values, self.recipe.crop_padding, self.recipe.flip, self._generator)
+        augmented = pixel_values
+        if self.augment:
+            augmented = augment_crop_flip(pixel_values, self.recipe.crop_padding, self.recipe.flip, self._generator)
         return self.defense.training_batch(self, augmented, labels)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -198,7 +214,7 @@ class _EpochAccuracy(TrainerCallback):
                                  "eval_loss": metrics.get("eval_loss")})
 
 
-def build_victim_model(config: VictimTrainingConfig, class_names, img_size, in_chans: int = 3):
+def build_victim_model(config: VictimTrainingConfig, class_names, img_size=None, in_chans: int = 3):
     """A ``TimmWrapperForImageClassification`` for the dataset's classes.
 
     From scratch: PyTorch-default initialized; ``in_chans=1`` (a grayscale dataset) gives a one-channel
@@ -206,7 +222,7 @@ def build_victim_model(config: VictimTrainingConfig, class_names, img_size, in_c
     (``config.weights_name()``): timm's loader (``models.load_pretrained_backbone``) with a new
     classifier for ``class_names``; it keeps its RGB stem, grey batches reach it as grey on R, G and B
     (the collator's 3-channel normalization broadcasts them), and fixed-size models (ViTs) are
-    rebuilt at ``img_size`` (timm resamples their position embeddings).
+    rebuilt at ``img_size`` when given (timm resamples their position embeddings).
     """
 
 
@@ -216,7 +232,8 @@ def build_victim_model(config: VictimTrainingConfig, class_names, img_size, in_c
         backbone = load_pretrained_backbone(weights, len(class_names))
         # timm's saved reconstruction arguments (in_chans, img_size, ...); the class count is the dataset's
         model_args = {k: v for k, v in (getattr(backbone, "pretrained_model_args", None) or {}).items() if k != "num_classes"}
-        if backbone.pretrained_cfg.get("fixed_input_size") and tuple(backbone.pretrained_cfg["input_size"][1:]) != tuple(img_size):
+        if (img_size is not None and backbone.pretrained_cfg.get("fixed_input_size")
+                and tuple(backbone.pretrained_cfg["input_size"][1:]) != tuple(img_size)):
             model_args["img_size"] = tuple(img_size)
             backbone = load_pretrained_backbone(weights, len(class_names), img_size=tuple(img_size))
         timm_config = TimmWrapperConfig(architecture=backbone.pretrained_cfg["architecture"], num_labels=len(class_names),
@@ -300,16 +317,23 @@ def _accuracy_metric():
     return evaluate.load(ACCURACY_METRIC)
 
 
-def _processor_config(mean, std, img_size) -> dict:
-    """timm ``pretrained_cfg`` saved in config.json: what ``AutoImageProcessor`` normalizes with."""
+def _processor_config(mean, std, img_size, data_config: dict | None = None) -> dict:
+    """timm ``pretrained_cfg`` saved in config.json: what ``AutoImageProcessor`` preprocesses with (a pretrained
+    victim: timm's evaluation transform, ``data_config``; from scratch: the data's size, no crop)."""
+    if data_config is not None:
+        return {**data_config, "input_size": tuple(data_config["input_size"]), "mean": tuple(data_config["mean"]),
+                "std": tuple(data_config["std"])}
     return {"input_size": (len(mean), *img_size), "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0,
             "crop_mode": "center", "interpolation": "bicubic"}
 
 
 def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: str | Path, defense: Defense | None = None,
                  mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
-                 trainer_args: TrainerArguments | None = None) -> dict:
+                 trainer_args: TrainerArguments | None = None, input_size=None) -> dict:
     """Train a victim on ``data.train_*`` and evaluate on the clean ``data.eval_*`` every epoch.
+
+    From scratch the model sees the data's size; a pretrained backbone sees ``input_size`` ((H, W); None:
+    its weights' size) through timm's transforms for its weights (``victim.preprocessing``).
 
     ``defense`` (``sep_hf.defenses.build_defense``) must be the one ``config.defense`` names.
     ``config.batch_size`` is the global batch of one optimizer step, as for the source: each of the
@@ -347,16 +371,22 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     start = time.perf_counter()
     train_images = defense.prepare_training_images(data.train_images)  # once, training split only
     prepare_seconds = time.perf_counter() - start
-    img_size = tuple(data.train_images.shape[2:])
-    model = build_victim_model(config, data.class_names, img_size, in_chans=data.train_images.shape[1])
-    pretrained_cfg = dict(model.timm_model.pretrained_cfg) if config.pretrained else {}
-    if config.pretrained:  # the normalization the weights were pretrained with
-        mean, std = list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
+    preprocessing = None
+    if config.pretrained:
+        input_size = tuple(input_size) if input_size is not None else None
+        model = build_victim_model(config, data.class_names, input_size)
+        pretrained_cfg = dict(model.timm_model.pretrained_cfg)
+        preprocessing = timm_preprocessing(model.timm_model, input_size)
+        img_size = preprocessing.input_size
+        mean, std = list(preprocessing.data_config["mean"]), list(preprocessing.data_config["std"])
     else:
+        img_size = tuple(data.train_images.shape[2:])
+        model = build_victim_model(config, data.class_names, img_size, in_chans=data.train_images.shape[1])
+        pretrained_cfg = {}
         # Statistics of the data as published, not as the defense transformed it: the image
         # processor normalizes real (colour, uncompressed) images with them at inference.
         mean, std = channel_stats(data.train_images)
-    model.config.pretrained_cfg = _processor_config(mean, std, img_size)
+    model.config.pretrained_cfg = _processor_config(mean, std, img_size, preprocessing and preprocessing.data_config)
     groups = parameter_groups(model.timm_model, config, linear_probe=config.linear_probe)
     model = defense.wrap_model(model.to(memory_format=torch.channels_last))
 
@@ -372,10 +402,11 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
 
     history = _EpochAccuracy()
     trainer = VictimTrainer(
-        model=model, args=args, train_dataset=TensorImageDataset(train_images, data.train_labels),
-        eval_dataset=TensorImageDataset(data.eval_images, data.eval_labels), data_collator=VictimCollator(mean, std),
-        compute_metrics=compute_metrics, optimizers=(optimizer, scheduler), callbacks=[history],
-        recipe=config, mean=mean, std=std, defense=defense,
+        model=model, args=args,
+        train_dataset=TensorImageDataset(train_images, data.train_labels, preprocessing and preprocessing.train),
+        eval_dataset=TensorImageDataset(data.eval_images, data.eval_labels, preprocessing and preprocessing.eval),
+        data_collator=VictimCollator(mean, std), compute_metrics=compute_metrics, optimizers=(optimizer, scheduler),
+        callbacks=[history], recipe=config, mean=mean, std=std, defense=defense, augment=preprocessing is None,
     )
     train_output = trainer.train()
     final = history.history[-1]  # the evaluation after the last epoch is the final model's
@@ -384,6 +415,9 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
         "eval_accuracy": final["eval_accuracy"],
         **accuracy_by_class(last["predictions"], last["labels"], data.class_names, pretrained_cfg.get("label_names")),
         "training_mode": config.training_mode,
+        "input_size": list(img_size),
+        "preprocessing": ({"transforms": "timm", **preprocessing.data_config} if preprocessing else
+                          {"transforms": "sep-hf crop and flip", "crop_padding": config.crop_padding, "flip": config.flip}),
         "eval_loss": final["eval_loss"],
         "history": history.history,
         "train_seconds": train_output.metrics["train_runtime"],
