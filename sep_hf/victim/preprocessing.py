@@ -9,9 +9,8 @@ batched crop-and-flip at the data's size (``source.augment``), the source's reci
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from timm.data import create_transform, resolve_data_config
