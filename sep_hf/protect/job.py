@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import torch
@@ -48,6 +49,7 @@ from sep_hf.data.view import (
     scan_split,
 )
 from sep_hf.protect import check_method_flags, get_protection, list_protections
+from sep_hf.protect.audit import probe_audit
 from sep_hf.protect.base import load_shards, protect_split, split_summary
 from sep_hf.protect.ensemble import CheckpointEnsemble
 from sep_hf.publish import hub
@@ -70,6 +72,8 @@ logger = get_logger(__name__)
 GRID_FILE = "sample_grid.png"
 DATASET_DIR = "dataset"
 GRID_IMAGES = 8
+# The appropriator of 2026: a public ImageNet backbone (the README's and the matrix's lite2)
+AUDIT_MODEL = "hf-hub:timm/tf_efficientnet_lite2.in1k"
 # A protected split whose mean |delta| is below this fraction of the budget is not published.
 MIN_PERTURBATION = 0.1
 
@@ -97,6 +101,10 @@ class ProtectArguments:
     hub_source_model_id: str | None = field(default=None, metadata={"help": "Repo for newly trained checkpoints (default: <hub_dataset_id>-source, private)."})
     hub_allow_public_source: bool = field(default=False, metadata={"help": "Allow pushing the source checkpoints to an existing PUBLIC repo (they can undo the protection)."})
     license: str | None = field(default=None, metadata={"help": "License of the published dataset, a Hub license id (cc-by-4.0, mit, other, ...); default: the source dataset card's."})
+    audit_model: str = field(default=AUDIT_MODEL, metadata={"help": "Backbone of the self-audit: a linear probe on its features, trained on the protected and on the clean training images, evaluated on clean images, reported on the card and in results.json ('none': no audit; one that cannot be loaded: 'not audited')."})
+    audit_image_size: int | None = field(default=None, metadata={"help": "Input size of the audit's backbone (default: its weights' size; the cpu preset: 128)."})
+
+    PRESETS: ClassVar[dict] = {"cpu": {"audit_image_size": 128}}
 
     def __post_init__(self):
         get_protection(self.method)  # raises, listing the registered methods
@@ -283,6 +291,25 @@ class ProtectionContext:
         return ensemble
 
 
+def audit_protection(context: ProtectionContext, protected: datasets.DatasetDict, protect_names: list[str]) -> dict:
+    """results.json's ``audit`` (``victim.audit.probe_audit``): the probe on the protected training rows against the
+    same rows clean, on the clean evaluation images the source is evaluated on; or why there is none."""
+    model, train = context.args.audit_model, context.data_args.train_split
+    if model.lower() == "none":
+        return {"audited": False, "model": None, "reason": "turned off (`--audit_model none`)"}
+    if train not in protect_names:
+        return {"audited": False, "model": model, "reason": f"the training split `{train}` is not protected"}
+    clean = context.source_data()
+    protected_images = model_view(protected[train], context.columns, colour_mode(context.mode), context.size,
+                                  context.data_args.resize, context.data_args.keep_in_memory_mb, desc="Decoding the protected images")
+    if len(protected_images) != len(clean.train_labels):  # no evaluation split: the source's held-out rows are left out
+        rows, _, _ = held_out_rows(len(protected_images), context.data_args)
+        protected_images = _take(protected_images, rows)
+    size = context.args.audit_image_size
+    return probe_audit(model, protected_images, clean, None if size is None else (size, size),
+                       device=context.accelerator.device, bf16=context.bf16)
+
+
 def _take(images, rows: list[int]):
     """Rows of a models'-view image set: a tensor is indexed, ``ImageRows`` selects them lazily."""
     if isinstance(images, ImageRows):
@@ -394,7 +421,7 @@ def run_protection(
 
     ``method_args`` are the parsed method flag dataclasses (``sep_hf.protect.protection_arguments``).
     """
-    apply_preset(run_args.preset, data_args, source_config)
+    apply_preset(run_args.preset, data_args, source_config, args)
     wall: dict[str, float] = {}
     transform_cls = check_protect_flags(args, method_args)
     _warn_off_grid_budget(args, transform_cls)
@@ -485,6 +512,11 @@ def run_protection(
         "num_processes": accelerator.num_processes, "hub_dataset_id": args.hub_dataset_id if args.push_to_hub else None,
         "victims": [],
     }
+    wall["publishing"] = time.perf_counter() - start
+    start = time.perf_counter()
+    results["audit"] = audit_protection(context, protected, protect_names)
+    wall["audit"] = time.perf_counter() - start
+    start = time.perf_counter()
     results["license"], results["license_from"] = (args.license, "flag") if args.license else (
         source_license(dataset), "source")
     if results["license"] is None:
@@ -504,7 +536,7 @@ def run_protection(
             args.hub_dataset_id, folder, "dataset", f"Publish {args.method} protection ({budget_text(results['eps'])})",
             private=args.hub_private_dataset, new_repo_private=False, delete_patterns=["data/*"],
             squash=args.hub_squash_history)
-    wall["publishing"] = time.perf_counter() - start
+    wall["publishing"] += time.perf_counter() - start
     results["wall_seconds"] = wall
     write_json(output_dir / RESULTS_FILE, results)
     return results

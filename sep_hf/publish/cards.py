@@ -248,6 +248,22 @@ def _schema_sentence(class_encoded: dict | None, shown: int = 10) -> str:
             f"class-encoded as `datasets`' `class_encode_column` does (names sorted: {listed}).")
 
 
+def audit_section(audit: dict | None) -> str:
+    """The protect run's own audit (``victim.audit``): a linear probe on a public ImageNet backbone, trained on
+    this dataset's protected images and on their clean originals, or why it was not run."""
+    if not audit:
+        return "Not audited: this protection was made before sep-hf audited its runs."
+    if not audit.get("audited"):
+        return f"Not audited: {audit['reason']}."
+    kept = audit["protected_accuracy"] / audit["clean_accuracy"] if audit["clean_accuracy"] else float("nan")
+    size = "x".join(map(str, audit["input_size"]))
+    return (f"A linear probe on the features of `{audit['model']}` ({size} px; {audit['probe']}), trained on the "
+            f"{audit['num_train']} protected training images, reaches **{audit['protected_accuracy']:.4f}** on the "
+            f"{audit['num_eval']} clean `{audit['eval_split']}` images; the same probe trained on the clean originals "
+            f"reaches **{audit['clean_accuracy']:.4f}** (the protected data keeps {kept:.0%} of it). "
+            f"{audit['precision']}, {audit['seconds_per_1000_images']:.1f} s per 1,000 images.")
+
+
 def protected_dataset_card(results: dict, method_lines: list[str], grid_file: str):
     """Card data and body of a protected dataset; figures come from ``results`` (results.json) and the
     method's own lines (``ProtectionTransform.card_lines``)."""
@@ -291,6 +307,7 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
         pixel_line=pixel_line, license=data.license, license_note=license_note, splits=results["splits"],
         grid_file=grid_file, victim_table=_victim_table(results.get("victims", [])),
         measured_section=measured_matrix_section(results["method"], results.get("eps"), results.get("preset", "")),
+        audit_section=audit_section(results.get("audit")),
         config_json=json.dumps(results["config"], indent=2, sort_keys=True))
     return data, "\n" + card.text.strip() + "\n"
 

@@ -4,7 +4,7 @@ The model is a stock ``TimmWrapperForImageClassification`` (so the pushed repo l
 ``AutoModelForImageClassification`` + ``AutoImageProcessor``). From scratch, normalization is the image
 processor's job, done here by the collator on whole batches; spatial augmentation commutes with
 per-channel normalization, so it runs on normalized batches inside ``compute_loss``. A pretrained
-backbone gets timm's own transforms for its weights instead (``victim.preprocessing``), image by image. Defenses
+backbone gets timm's own transforms for its weights instead (``data.timm_transforms``), image by image. Defenses
 (``--defense``, sep_hf/defenses/) hook in at four points: the uint8 training images before
 training (JPEG, grayscale), each augmented training batch (PGD, in pixels through
 ``VictimTrainer.to_pixels`` / ``to_normalized``), the model (RSE noise) and evaluation logits
@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from sep_hf.data.timm_transforms import timm_preprocessing
 from sep_hf.data.view import TrainingData
 from sep_hf.defenses import get_defense, list_defenses
 from sep_hf.defenses.base import Defense
@@ -39,7 +40,6 @@ from sep_hf.source.recipe import TrainingRecipe, parameter_groups
 from sep_hf.source.train import epoch_batch_size
 from sep_hf.utils.io import atomic_folder
 from sep_hf.utils.logging import get_logger
-from sep_hf.victim.preprocessing import timm_preprocessing
 
 __all__ = [
     "VictimTrainingConfig",
@@ -109,7 +109,7 @@ class VictimTrainingConfig(TrainingRecipe):
 class TensorImageDataset(torch.utils.data.Dataset):
     """uint8 images (N, C, H, W) and labels in memory: indexing is a tensor view, not a decode.
 
-    With ``transform`` (timm's, ``victim.preprocessing``) each image is returned transformed and normalized
+    With ``transform`` (timm's, ``data.timm_transforms``) each image is returned transformed and normalized
     as ``pixel_values``; without, as the uint8 ``image`` the collator normalizes batch-wise.
     """
 
@@ -333,7 +333,7 @@ def train_victim(config: VictimTrainingConfig, data: TrainingData, output_dir: s
     """Train a victim on ``data.train_*`` and evaluate on the clean ``data.eval_*`` every epoch.
 
     From scratch the model sees the data's size; a pretrained backbone sees ``input_size`` ((H, W); None:
-    its weights' size) through timm's transforms for its weights (``victim.preprocessing``).
+    its weights' size) through timm's transforms for its weights (``data.timm_transforms``).
 
     ``defense`` (``sep_hf.defenses.build_defense``) must be the one ``config.defense`` names.
     ``config.batch_size`` is the global batch of one optimizer step, as for the source: each of the

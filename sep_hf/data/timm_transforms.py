@@ -1,4 +1,5 @@
-"""A pretrained victim's preprocessing: timm's own transforms for its weights, as an appropriator runs them.
+"""A pretrained backbone's view of the images: timm's own transforms for its weights, as an appropriator runs them
+(pretrained victims, the protect run's audit).
 
 ``timm.data.resolve_data_config`` reads the weights' ``pretrained_cfg`` (input size, interpolation, crop_pct,
 mean/std) and ``timm.data.create_transform`` builds what timm's training script uses: RandomResizedCrop,
