@@ -11,13 +11,13 @@ No ImageNet weights can be fetched offline, so this bench builds its own stand-i
               the matrix evaluates on), exported with timm's ``save_for_hf`` and pushed to a loopback Hub
               (bench/runs/hub) as an ordinary timm model repo. Every pretrained victim loads it from there
               as it would a public checkpoint: ``train_victim.py --model hf-hub:sep-hf-bench/...``.
-- matrix:     ``bench/protection_matrix.py --defenses pretrained-ft linear-probe`` for the rows clean,
+- matrix:     ``bench/protection_matrix.py --defenses standin-ft standin-probe`` for the rows clean,
               sep-fa-vr, sep-robust and cuda (the floors of bench/results/protection_matrix.json include
               the new columns).
 - trajectory: the idea for a protection that holds: the self-ensemble taken from the fine-tuning
               trajectory of the same backbone (train_source.py --model hf-hub:... --preset cpu, 6
-              checkpoints), SEP-FA-VR crafted with it, measured in the columns none, pretrained-ft and
-              linear-probe (row ``sep-fa-vr-ftsource``).
+              checkpoints), SEP-FA-VR crafted with it, measured in the columns none, standin-ft and
+              standin-probe (row ``sep-fa-vr-ftsource``).
 - report:     overall accuracy and accuracy on classes seen / unseen in pretraining for every cell,
               bench/results/pretrained_appropriator.{json,md}.
 """
@@ -53,7 +53,7 @@ SEEN_CLASSES = [0, 1, 2, 3, 4]  # airplane, automobile, bird, cat, deer
 PROTECTED_ROWS = 10_000  # the matrix protects training rows 0..9,999 and evaluates on test rows 0..1,999
 EVAL_ROWS = 2_000
 ROWS = ["clean", "sep-fa-vr", "sep-robust", "cuda"]
-COLUMNS = ["none", "pretrained-ft", "linear-probe"]
+COLUMNS = ["none", "standin-ft", "standin-probe"]
 TRAJECTORY_ROW = "sep-fa-vr-ftsource"
 
 
@@ -120,7 +120,7 @@ def backbone(state: dict) -> None:
 
 def matrix(state: dict) -> None:
     launch_plain([sys.executable, str(REPO_ROOT / "bench" / "protection_matrix.py"), "--protections", *ROWS,
-                  "--defenses", "pretrained-ft", "linear-probe"])
+                  "--defenses", "standin-ft", "standin-probe"])
 
 
 def launch_plain(command: list[str]) -> None:

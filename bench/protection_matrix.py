@@ -56,6 +56,7 @@ from sep_hf.protect import get_protection, list_protections
 from sep_hf.victim.trainer import VictimTrainingConfig
 
 NAME = "protection_matrix"
+REAL_BACKBONE = "hf-hub:timm/tf_efficientnet_lite2.in1k"
 CELL_FILE = "bench_cell.json"
 CPU_DATA = DataArguments.PRESETS["cpu"]
 CPU_EPOCHS = VictimTrainingConfig.PRESETS["cpu"]["epochs"]
@@ -77,11 +78,18 @@ COLUMNS = {
     # The adaptive answer to sep-robust's gratings: the family's frequencies notched, after JPEG-10 in the second
     "notch": ("notch", {}),
     "notch-jpeg": ("notch", {"notch_jpeg_quality": 10}),
-    # The pretrained appropriator (issue 22): a backbone pretrained on CIFAR-10 rows outside the protected
+    # The real appropriator: ImageNet EfficientNet-Lite2 fine-tuned / probed, cells measured by bench/real_appropriator.py
+    # (timm's transforms at its input sizes) and read from its results, never run here (REAL_COLUMNS).
+    "pretrained-ft": ("none", {"model": REAL_BACKBONE}),
+    "linear-probe": ("none", {"model": REAL_BACKBONE, "linear_probe": True}),
+    # A stand-in, kept and labelled as such: a small net the bench pretrained on CIFAR-10 rows outside the protected
     # 10k and on 5 of the 10 classes (bench/pretrained_appropriator.py), loaded from the loopback Hub.
-    "pretrained-ft": ("none", {"model": BACKBONE_MODEL}),  # full fine-tuning, backbone at 0.1 x lr
-    "linear-probe": ("none", {"model": BACKBONE_MODEL, "linear_probe": True}),
+    "standin-ft": ("none", {"model": BACKBONE_MODEL}),  # full fine-tuning, backbone at 0.1 x lr
+    "standin-probe": ("none", {"model": BACKBONE_MODEL, "linear_probe": True}),
 }
+REAL_COLUMNS = ("pretrained-ft", "linear-probe")
+# Older matrices named the stand-in's columns as the real ones are named now.
+RENAMED_STANDIN = {"pretrained-ft": "standin-ft", "linear-probe": "standin-probe"}
 HUB_ENV: dict = {}  # the loopback Hub serving the backbone (main starts it when a column loads a model)
 # A victim reaching this share of the clean-data accuracy under the same training "defeats" a protection.
 DEFEAT_SHARE = 0.8
@@ -159,6 +167,8 @@ def mismatch(result: dict, defense: str, expected: dict) -> str | None:
 
 def victim(row: str, dataset: str, eval_dataset: str, column: str, args, data_name: str | None = None) -> dict | None:
     """One cell: the victim of training ``column`` on ``dataset`` (its folder named by the row, or ``data_name``)."""
+    if column in REAL_COLUMNS:  # measured by bench/real_appropriator.py (real_appropriator_cells)
+        return None
     defense, flags = columns()[column]
     spec = parse_row(row, args.eps)
     output_dir = victim_dir(row, column, args.eps, args.model, data_name)
@@ -288,7 +298,31 @@ def previous_cells(path: Path) -> tuple[dict, dict, dict]:
     if not path.exists():
         return {}, {}, {}
     previous = read_json(path)
-    return previous.get("cells", {}), previous.get("crafting", {}), previous.get("machine", {})
+    cells = previous.get("cells", {})
+    for row_cells in cells.values():  # the stand-in's cells under their old column names
+        for old, new in RENAMED_STANDIN.items():
+            if BACKBONE_MODEL in (row_cells.get(old) or {}).get("command", ""):
+                row_cells[new] = row_cells.pop(old)
+    return cells, previous.get("crafting", {}), previous.get("machine", {})
+
+
+def real_appropriator_cells() -> dict:
+    """{row: {column: cell}} of bench/real_appropriator.py's lite2 cells at its default input sizes (the matrix's
+    REAL_COLUMNS): the same 10,000 training / 2,000 clean test images, rows crafted by the same protect.py --preset cpu."""
+    import real_appropriator
+
+    path = common.RESULTS_DIR / "real_appropriator.json"
+    if not path.exists():
+        return {}
+    payload, out = read_json(path), {}
+    for c in payload["cells"]:
+        if c["backbone"] == "lite2" and c["image_size"] == real_appropriator.MODES[c["mode"]][1] and c.get("preprocessing") == "timm":
+            out.setdefault(c["row"], {})[c["mode"]] = {
+                "eval_accuracy": c["eval_accuracy"], "eval_loss": c.get("eval_loss"), "train_seconds": c["train_seconds"],
+                "wall_seconds": None, "image_size": c["image_size"], "epochs": c["epochs"], "output_dir": c["output_dir"],
+                "measured_by": "bench/real_appropriator.py", "machine": payload["machine"]["cpu"],
+                "mixed_precision": c.get("mixed_precision")}
+    return out
 
 
 CURRENT_CPU = common.machine()["cpu"]
@@ -432,13 +466,17 @@ def main():
     if any(parse_row(row, args.eps)["method"] == "cuda" for row in selected):
         common.ensure_cuda_key()
 
-    if any("model" in all_columns[column][1] for column in measured_columns) and not args.report_only:
+    if any("model" in all_columns[column][1] and column not in REAL_COLUMNS for column in measured_columns) \
+            and not args.report_only:
         serve_backbone()
     cells: dict[str, dict] = {row: dict(previous.get(row, {})) for row in rows}
     for row_cells in cells.values():  # cells of the last matrix without a machine are the machine it names
         for cell in row_cells.values():
             cell.pop("previous_machine", None)
             cell.setdefault("machine", previous_machine.get("cpu", "unknown"))
+    for row, real in real_appropriator_cells().items():
+        if row in cells:
+            cells[row].update(real)
     crafting: dict[str, dict] = {row: previous_crafting[row] for row in rows if row in previous_crafting}
     failed = False
     for row in selected:

@@ -32,19 +32,41 @@ def test_no_row_for_another_budget_or_scale(tmp_path):
     assert measured_matrix_section("cuda", 8, "cpu", path).startswith("No protection matrix")
 
 
-def test_pretrained_appropriator_is_named_plainly(tmp_path):
-    """Columns pretrained-ft / linear-probe: the card says what they reach, and whether the protection holds."""
-    path = _measured(tmp_path, {"none": 0.15, "jpeg": 0.70, "pretrained-ft": 0.65, "linear-probe": 0.30}, [])
+def test_pretrained_appropriators_are_named_plainly_the_stand_in_as_one(tmp_path):
+    """Columns pretrained-ft / linear-probe (the real ImageNet backbone) and standin-ft / standin-probe: the card
+    says what each reaches, whether the protection holds, and which is the stand-in."""
+    path = _measured(tmp_path, {"none": 0.15, "jpeg": 0.70, "pretrained-ft": 0.65, "linear-probe": 0.30,
+                                "standin-ft": 0.20}, [])
     row = json.loads(path.read_text())
     row["rows"]["sep-fa-vr"]["defeated_by"] = ["jpeg", "pretrained-ft"]
     row["clean"]["pretrained-ft"] = 0.74
     path.write_text(json.dumps(row))
     text = measured_matrix_section("sep-fa-vr", 8, "cpu", path)
-    assert "fine-tuning a pretrained backbone reaches 0.6500 (0.7400 on clean data)" in text
-    assert "linear probe of a frozen pretrained backbone reaches 0.3000" in text
-    assert "does not hold against a pretrained appropriator" in text
+    real = text[text.index("The real pretrained appropriator (an ImageNet EfficientNet-Lite2)"):text.index("A stand-in")]
+    assert "fine-tuning a pretrained backbone reaches 0.6500 (0.7400 on clean data)" in real
+    assert "linear probe of a frozen pretrained backbone reaches 0.3000" in real
+    assert "does not hold against it" in real
+    standin = text[text.index("A stand-in pretrained appropriator"):]
+    assert "fine-tuning it reaches 0.2000" in standin and "does not hold" not in standin
+    assert "| pretrained-ft (ImageNet EfficientNet-Lite2 fine-tuned) | 0.6500 | 0.7400 |" in text
+    assert "| standin-ft (stand-in: a small CIFAR-pretrained net fine-tuned) | 0.2000 | - |" in text
+    assert "has not been measured" not in text  # the matrix's own real columns: no second sentence
     assert "pretrained appropriator" not in measured_matrix_section(
         "sep-fa-vr", 8, "cpu", _measured(tmp_path, {"none": 0.15, "jpeg": 0.70}, []))
+
+
+def test_audit_section_states_this_datasets_probe_or_why_not():
+    from sep_hf.publish.cards import audit_section
+
+    audit = {"audited": True, "model": "hf-hub:timm/tf_efficientnet_lite2.in1k", "input_size": [128, 128],
+             "clean_accuracy": 0.8, "protected_accuracy": 0.6, "num_train": 10000, "num_eval": 2000, "eval_split": "test",
+             "probe": "logistic regression", "precision": "bf16", "seconds_per_1000_images": 7.25}
+    text = audit_section(audit)
+    assert "`hf-hub:timm/tf_efficientnet_lite2.in1k` (128x128 px; logistic regression)" in text
+    assert "reaches **0.6000** on the 2000 clean `test` images" in text and "reaches **0.8000**" in text
+    assert "keeps 75% of it" in text and "7.2 s per 1,000 images" in text
+    assert audit_section({"audited": False, "reason": "turned off"}) == "Not audited: turned off."
+    assert audit_section(None).startswith("Not audited: this protection was made before")
 
 
 def test_card_states_how_class_names_became_a_class_label():
