@@ -390,3 +390,31 @@ def test_class_names_in_metadata_are_published_as_a_class_label_the_card_states(
     assert published["train"]["label"] == [0] * 4 + [1] * 4 + [2] * 4
     card = (tmp_path / "out" / "dataset" / "README.md").read_text()
     assert "class names in `label`" in card and "`class_encode_column`" in card and "0 = cat, 1 = dog, 2 = fox" in card
+
+
+@pytest.mark.parametrize("last_accuracy, warned", [(0.12, True), (0.6, False)])
+def test_a_source_near_chance_is_warned_about_before_crafting_and_on_the_card(loopback_hub, tiny_source_run, tmp_path,
+                                                                             accelerator, caplog, last_accuracy, warned):
+    """The checkpoints' records carry the source's held-out accuracy: the card states it per kept checkpoint, and a
+    last checkpoint near chance (10 classes: below 0.19) is a warning before crafting and on the card."""
+    import logging
+    import shutil
+
+    from sep_hf.source.checkpoints import list_checkpoints
+
+    run = tmp_path / "source"
+    shutil.copytree(tiny_source_run, run)
+    checkpoints = list_checkpoints(run)
+    for checkpoint in checkpoints:  # the records are metadata: only the weights' hashes are verified
+        record_file = checkpoint.path / "record.json"
+        record = json.loads(record_file.read_text())
+        record["clean_test_accuracy"] = last_accuracy if checkpoint is checkpoints[-1] else 0.5
+        record_file.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        results = _protect(run, tmp_path / "out", accelerator, audit_model="none")
+    held_out = results["checkpoints"]["held_out_accuracy"]
+    assert held_out["accuracy"][-1] == last_accuracy and held_out["chance"] == 0.1
+    assert ("Before crafting: the source model's held-out accuracy is" in caplog.text) is warned
+    card = (tmp_path / "out" / "dataset" / "README.md").read_text()
+    assert f"at the kept checkpoints: 0.5000, {last_accuracy:.4f}" in card
+    assert ("**Warning**: the source model's held-out accuracy is 0.1200, near chance (0.1000)" in card) is warned

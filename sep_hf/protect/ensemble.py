@@ -31,7 +31,22 @@ from sep_hf.source.checkpoints import (
 from sep_hf.utils.io import atomic_write
 from sep_hf.utils.runtime import autocast
 
-__all__ = ["CheckpointEnsemble", "tensor_hash"]
+__all__ = ["CheckpointEnsemble", "tensor_hash", "near_chance", "near_chance_advice", "NEAR_CHANCE_SHARE"]
+
+# A source whose last checkpoint is not this share of the way from chance to 100% learned too little to protect
+NEAR_CHANCE_SHARE = 0.1
+
+
+def near_chance(accuracy: float, num_classes: int) -> bool:
+    chance = 1 / num_classes
+    return accuracy < chance + NEAR_CHANCE_SHARE * (1 - chance)
+
+
+def near_chance_advice(held_out: dict) -> str:
+    """One line for a source near chance: what it means and what to do."""
+    return (f"the source model's held-out accuracy is {held_out['accuracy'][-1]:.4f}, near chance "
+            f"({held_out['chance']:.4f}): the self-ensemble of a model that learned nothing protects little. Give it "
+            "more images, more epochs (--epochs), or a pretrained source (--model hf-hub:...)")
 
 _ARCH_KEYS = ("model_name", "num_classes", "img_size", "mean", "std", "model_kwargs")
 _RECORD_PATH = re.compile(rf"^{CHECKPOINTS_DIR}/(epoch-(\d{{3,}}))/{RECORD_FILE}$")
@@ -169,6 +184,16 @@ class CheckpointEnsemble(nn.Module):
     @property
     def epochs(self) -> list[int]:
         return [record["epoch"] for record in self.records]
+
+    @property
+    def held_out_accuracy(self) -> dict | None:
+        """The source's accuracy on its evaluation images at each kept checkpoint (from the records), the number of
+        those images and chance (1 / classes); None when the records do not say."""
+        accuracy = [record.get("clean_test_accuracy") for record in self.records]
+        if None in accuracy:
+            return None
+        return {"accuracy": [round(float(a), 4) for a in accuracy],
+                "num_eval": self.records[-1].get("dataset", {}).get("num_eval"), "chance": 1 / self.num_classes}
 
     @property
     def content_hashes(self) -> list[str]:

@@ -51,7 +51,7 @@ from sep_hf.data.view import (
 from sep_hf.protect import check_method_flags, get_protection, list_protections
 from sep_hf.protect.audit import probe_audit
 from sep_hf.protect.base import load_shards, protect_split, split_summary
-from sep_hf.protect.ensemble import CheckpointEnsemble
+from sep_hf.protect.ensemble import CheckpointEnsemble, near_chance, near_chance_advice
 from sep_hf.publish import hub
 from sep_hf.publish.cards import keep_owner_card, protected_dataset_card, sample_grid_png
 from sep_hf.publish.folder import embed_image_bytes, write_hub_layout
@@ -285,6 +285,9 @@ class ProtectionContext:
                 f"The checkpoints ({public_name(ensemble.source)}) have {ensemble.num_classes} classes but dataset "
                 f"'{self.data_args.dataset}' has {self.columns.num_classes}: train the source on this dataset."
             )
+        held_out = ensemble.held_out_accuracy
+        if held_out and near_chance(held_out["accuracy"][-1], ensemble.num_classes) and accelerator.is_main_process:
+            logger.warning("Before crafting: %s.", near_chance_advice(held_out))
         if list(ensemble.class_names) != list(self.columns.class_names):
             logger.warning("Checkpoint class names %s differ from the dataset's %s", ensemble.class_names[:3],
                            self.columns.class_names[:3])

@@ -40,7 +40,7 @@ from sep_hf.models import RaggedResize, resize_to_model
 from sep_hf.pixel_shortcuts import class_pixels
 from sep_hf.protect import register_protection
 from sep_hf.protect.base import SEP_PAPER, ProtectionTransform, config_hash
-from sep_hf.protect.ensemble import CheckpointEnsemble, tensor_hash
+from sep_hf.protect.ensemble import CheckpointEnsemble, near_chance, near_chance_advice, tensor_hash
 from sep_hf.protect.eot import apply_views, lowpass_direction, parse_views
 from sep_hf.seeding import draw_keys, splitmix64
 from sep_hf.utils.logging import get_logger
@@ -481,7 +481,7 @@ class SEPTransform(ProtectionTransform):
                 "steps": config.steps, "step_size": round(config.step_size * 255, 6),
                 "gradient_evaluations_per_image": config.gradient_evaluations(self.ensemble.num_models),
                 "checkpoints": {"source": self.ensemble.source, "revision": self.ensemble.revision,
-                                "epochs": self.ensemble.epochs}}
+                                "epochs": self.ensemble.epochs, "held_out_accuracy": self.ensemble.held_out_accuracy}}
 
     def card_lines(self, results: dict) -> list[str]:
         description = self.describe()
@@ -491,7 +491,8 @@ class SEPTransform(ProtectionTransform):
                 f"of {description['step_size']:g}/255 ({description['gradient_evaluations_per_image']} gradient "
                 "evaluations per image)",
                 f"- checkpoint ensemble: {len(checkpoints['epochs'])} checkpoints (epochs {checkpoints['epochs']}) "
-                f"of `{public_name(checkpoints['source'])}`{revision}"]  # a local run by its folder name only
+                f"of `{public_name(checkpoints['source'])}`{revision}",  # a local run by its folder name only
+                *source_accuracy_lines(checkpoints.get("held_out_accuracy"), self.ensemble.num_classes)]
 
     def fingerprint(self) -> str:
         means = None if self.class_means is None else tensor_hash(self.class_means)
@@ -501,3 +502,15 @@ class SEPTransform(ProtectionTransform):
             if not config[flag]:
                 del config[flag]  # off: the key crafted shards had before the flag existed, so they resume
         return config_hash(config, self.ensemble.fingerprint, means, self.ensemble.device.type, *targets)
+
+
+def source_accuracy_lines(held_out: dict | None, num_classes: int) -> list[str]:
+    """The card's lines on the source model measured on this dataset: its held-out accuracy per kept checkpoint, and
+    a warning when the last one is near chance."""
+    if not held_out:
+        return ["- source model's held-out accuracy: not recorded in its checkpoints"]
+    lines = [f"- source model's held-out accuracy (measured on this dataset, {held_out['num_eval']} images; chance "
+             f"{held_out['chance']:.4f}) at the kept checkpoints: {', '.join(f'{a:.4f}' for a in held_out['accuracy'])}"]
+    if near_chance(held_out["accuracy"][-1], num_classes):
+        lines.append(f"- **Warning**: {near_chance_advice(held_out)}.")
+    return lines
