@@ -89,6 +89,13 @@ def test_photo_folder_is_published_at_native_resolution_through_the_hub(photos, 
     card = (tmp_path / "run" / "dataset" / "README.md").read_text()
     assert "resolution: native: every image is protected and published at its own size" in card
     assert_no_local_path(tmp_path / "run" / "dataset", str(photos), str(tmp_path))
+    # the size growth, JPEGs as stored against the PNG rows published (the parquet files, within a few percent)
+    size = results["size"]
+    assert size["source_bytes"] == sum(path.stat().st_size for path in Path(photos).rglob("*.jpg"))
+    parquet = sum(path.stat().st_size for path in (tmp_path / "run" / "dataset" / "data").glob("*.parquet"))
+    assert abs(size["published_bytes"] - parquet) < 0.1 * parquet and size["ratio"] > 1
+    assert (f"- size: {size['published_bytes'] / 1e6:.1f} MB published for {size['source_bytes'] / 1e6:.1f} MB of source "
+            f"images ({size['ratio']:.1f}x)") in card
 
 
 def test_mixed_sizes_without_a_model_size_is_one_clear_line_before_compute(photos, tmp_path):

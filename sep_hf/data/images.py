@@ -14,6 +14,7 @@ budget that holds on the float tensor still holds on the published image.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterable, Sequence
 
 import datasets
@@ -245,6 +246,18 @@ def undecoded(split, columns: ImageColumns):
     if isinstance(split.features[columns.image], datasets.Image) and split.features[columns.image].decode:
         return split.cast_column(columns.image, datasets.Image(decode=False))
     return split
+
+
+def encoded_bytes(split, columns: ImageColumns, batch_size: int = 1000) -> int:
+    """Bytes of the split's images as stored (embedded bytes, or the size of the file a row points to)."""
+    total, images = 0, undecoded(split, columns).select_columns([columns.image])
+    for start in range(0, images.num_rows, batch_size):
+        for value in images[start:start + batch_size][columns.image]:
+            if value.get("bytes") is not None:
+                total += len(value["bytes"])
+            elif value.get("path"):
+                total += os.path.getsize(value["path"])
+    return total
 
 
 def split_where(split) -> str:

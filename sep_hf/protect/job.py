@@ -34,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from sep_hf.arguments import RESULTS_FILE, HubArguments, RunArguments
 from sep_hf.budget import Budget
-from sep_hf.data.images import decode_batch, uint8_to_float, undecoded, union_mode
+from sep_hf.data.images import decode_batch, encoded_bytes, uint8_to_float, undecoded, union_mode
 from sep_hf.data.load import DatasetError, ImageDataset, public_name
 from sep_hf.data.view import (
     DataArguments,
@@ -72,6 +72,8 @@ logger = get_logger(__name__)
 GRID_FILE = "sample_grid.png"
 DATASET_DIR = "dataset"
 GRID_IMAGES = 8
+# Published bytes above this multiple of the source's are said before publishing
+SIZE_WARNING_RATIO = 2.0
 # The appropriator of 2026: a public ImageNet backbone (the README's and the matrix's lite2)
 AUDIT_MODEL = "hf-hub:timm/tf_efficientnet_lite2.in1k"
 # A protected split whose mean |delta| is below this fraction of the budget is not published.
@@ -292,6 +294,19 @@ class ProtectionContext:
             logger.warning("Checkpoint class names %s differ from the dataset's %s", ensemble.class_names[:3],
                            self.columns.class_names[:3])
         return ensemble
+
+
+def published_size(splits: dict, protected: datasets.DatasetDict, columns) -> dict:
+    """Bytes of the source's images as stored (JPEG, PNG, ...) against the protected dataset's (PNG rows, Arrow
+    size: what the parquet files hold within a few percent), for every published split."""
+    source = sum(encoded_bytes(split, columns) for split in splits.values())
+    published = sum(split.data.nbytes for split in protected.values())
+    return {"source_bytes": source, "published_bytes": published, "ratio": published / max(source, 1),
+            "format": "PNG (lossless)"}
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
 
 
 def audit_protection(context: ProtectionContext, protected: datasets.DatasetDict, protect_names: list[str]) -> dict:
@@ -520,6 +535,11 @@ def run_protection(
     results["audit"] = audit_protection(context, protected, protect_names)
     wall["audit"] = time.perf_counter() - start
     start = time.perf_counter()
+    results["size"] = published_size(splits, protected, dataset.columns)
+    if results["size"]["ratio"] > SIZE_WARNING_RATIO:
+        logger.warning("The dataset is published as lossless PNG: %s for %s of source images (%.1fx).",
+                       _megabytes(results["size"]["published_bytes"]), _megabytes(results["size"]["source_bytes"]),
+                       results["size"]["ratio"])
     results["license"], results["license_from"] = (args.license, "flag") if args.license else (
         source_license(dataset), "source")
     if results["license"] is None:

@@ -304,6 +304,10 @@ def protected_dataset_card(results: dict, method_lines: list[str], grid_file: st
     if results.get("resolution"):
         pixel_line += (f"\n- resolution: {results['resolution']}; |x' - x| is measured against every pixel of the source "
                        "as `load_dataset` decodes it (EXIF orientation applied, 16-bit and float images scaled to 8 bits)")
+    size = results.get("size")
+    if size:
+        pixel_line += (f"\n- size: {size['published_bytes'] / 1e6:.1f} MB published for {size['source_bytes'] / 1e6:.1f} MB of "
+                       f"source images ({size['ratio']:.1f}x): {size['format']} keeps every perturbed pixel exactly")
     mode = results.get("image_mode")
     if mode and mode != "RGB":  # RGB cards read as they always did
         pixel_line += (f"\n- images keep the source's mode `{mode}`: "
