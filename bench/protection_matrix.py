@@ -316,7 +316,8 @@ def real_appropriator_cells() -> dict:
         return {}
     payload, out = read_json(path), {}
     for c in payload["cells"]:
-        if c["backbone"] == "lite2" and c["image_size"] == real_appropriator.MODES[c["mode"]][1] and c.get("preprocessing") == "timm":
+        if (c["backbone"] == "lite2" and c["mode"] in REAL_COLUMNS and c["image_size"] == real_appropriator.MODES[c["mode"]][1]
+                and c.get("preprocessing") in ("timm", "timm-eval")):
             out.setdefault(c["row"], {})[c["mode"]] = {
                 "eval_accuracy": c["eval_accuracy"], "eval_loss": c.get("eval_loss"), "train_seconds": c["train_seconds"],
                 "wall_seconds": None, "image_size": c["image_size"], "epochs": c["epochs"], "output_dir": c["output_dir"],
