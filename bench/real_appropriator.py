@@ -136,8 +136,8 @@ def main() -> None:
                     ordered = sorted(cells.values(), key=lambda c: (c["mode"], c["backbone"], c["image_size"], c["row"]))
                     table = markdown_table(
                         ["row", "backbone", "training", "input px", "epochs", "clean test accuracy", "final eval loss", "precision"],
-                        [[c["row"], c["backbone"], c["mode"], c["image_size"], c["epochs"], f"{c['eval_accuracy']:.4f}",
-                          f"{c['eval_loss']:.3f}" if "eval_loss" in c else "-", c["mixed_precision"]] for c in ordered])
+                        [[c["row"], c["backbone"], c["mode"], c["image_size"], c["epochs"] or "-", f"{c['eval_accuracy']:.4f}",
+                          f"{c['eval_loss']:.3f}" if c.get("eval_loss") is not None else "-", c["mixed_precision"]] for c in ordered])
                     write_results(NAME, {"cells": ordered, "protocol": __doc__.split("\n\n")[2]}, table)
 
 

@@ -220,8 +220,8 @@ def build_victim_model(config: VictimTrainingConfig, class_names, img_size=None,
     From scratch: PyTorch-default initialized; ``in_chans=1`` (a grayscale dataset) gives a one-channel
     stem, saved in ``model_args`` so the pushed model reloads as such. Pretrained
     (``config.weights_name()``): timm's loader (``models.load_pretrained_backbone``) with a new
-    classifier for ``class_names``; it keeps its RGB stem, grey batches reach it as grey on R, G and B
-    (the collator's 3-channel normalization broadcasts them), and fixed-size models (ViTs) are
+    classifier for ``class_names`` (zero-initialized); it keeps its RGB stem, grey images reach it as grey
+    on R, G and B (timm's transforms convert them to RGB), and fixed-size models (ViTs) are
     rebuilt at ``img_size`` when given (timm resamples their position embeddings).
     """
 
