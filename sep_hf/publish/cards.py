@@ -197,10 +197,10 @@ def _pretrained_sentence(row: dict, clean: dict) -> str:
         if not measured:
             continue
         reached = "; ".join(f"{columns[c]} reaches {row['cells'][c]:.4f}"
-                            + (f" ({clean[c]:.4f} on clean data)" if c in clean else "") for c in measured)
+                            + (f" ({clean[c]:.4f} on clean data: {row['cells'][c] / clean[c]:.0%} of it kept)"
+                               if clean.get(c) else "") for c in measured)
         defeated = [c for c in measured if c in row.get("defeated_by", [])]
-        verdict = (" **This protection does not hold against it.**" if defeated
-                   else " It keeps the appropriator below 80% of the clean-data accuracy there.")
+        verdict = " **This protection does not hold against it.**" if defeated else ""
         sentences.append(f"\n\n{who}: {reached}.{verdict}")
     return "".join(sentences)
 
