@@ -118,7 +118,8 @@ def _protect_with_audit(tmp_path, accelerator, monkeypatch, audit_model: str) ->
     monkeypatch.setenv(KEY_ENV, "12345")
     args = ProtectArguments(method="cuda", splits=["train", "test"], audit_model=audit_model, audit_image_size=32)
     data = DataArguments(dataset=str(CIFAR10_DIR), max_train_samples=60, max_eval_samples=40)
-    return run_protection(args, data, SourceTrainingConfig(), RunArguments(output_dir=str(tmp_path), preset="cpu"),
+    # fp32 (every CPU kind alike): the test recomputes the clean probe in fp32
+    return run_protection(args, data, SourceTrainingConfig(), RunArguments(output_dir=str(tmp_path), preset="cpu", mixed_precision="no"),
                           accelerator, method_args=[CUDAArguments()])
 
 
