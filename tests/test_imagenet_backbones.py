@@ -157,3 +157,20 @@ def test_an_audit_turned_off_or_unloadable_is_one_line_not_a_failed_run(loopback
     card = (tmp_path / "dataset" / "README.md").read_text()
     line = next(line for line in card.splitlines() if line.startswith("Not audited: "))
     assert reason in line and (tmp_path / "dataset" / "data").is_dir()
+
+
+def test_audit_features_of_rows_decoded_on_demand_equal_those_of_a_tensor(served_lite0):
+    """A split beyond --keep_in_memory_mb reaches the audit as ImageRows (sliced batch by batch): same features."""
+    from sep_hf.data.load import load_image_dataset
+    from sep_hf.data.timm_transforms import timm_preprocessing
+    from sep_hf.data.view import ImageRows, split_to_tensors
+    from sep_hf.protect.audit import backbone_features
+
+    dataset = load_image_dataset(str(CIFAR10_DIR))
+    split = dataset.split("test").select(range(12))
+    rows = ImageRows(split, dataset.columns, "RGB", (32, 32))
+    tensor = split_to_tensors(split, dataset.columns, size=(32, 32), mode="RGB")[0]
+    backbone = load_pretrained_backbone(served_lite0, num_classes=0).eval()
+    transform = timm_preprocessing(backbone, (32, 32)).eval
+    assert torch.equal(backbone_features(backbone, transform, rows, batch_size=5),
+                       backbone_features(backbone, transform, tensor, batch_size=5))
